@@ -1,0 +1,28 @@
+"""igea: continued (domain-adaptive) pretraining of small causal language models, from one YAML config."""
+
+__version__ = "0.1.0"
+
+from igea.config import IgeaConfig, load_config
+from igea.data import PreparedData, prepare_dataset
+from igea.errors import ConfigError, IgeaError
+from igea.generate import Generator, generate
+from igea.modeling import build_tiny_model, load_model
+from igea.run import run
+from igea.train import RunResult, train
+
+__all__ = [
+    "ConfigError",
+    "Generator",
+    "IgeaConfig",
+    "IgeaError",
+    "PreparedData",
+    "RunResult",
+    "__version__",
+    "build_tiny_model",
+    "generate",
+    "load_config",
+    "load_model",
+    "prepare_dataset",
+    "run",
+    "train",
+]

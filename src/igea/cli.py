@@ -1,0 +1,128 @@
+"""The `igea` command: train, prepare, generate, ... Every user error is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+import igea
+from igea.errors import IgeaError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.debug)
+    try:
+        return args.handler(args) or 0
+    except IgeaError as err:
+        if args.debug:
+            raise
+        print(f"igea: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("igea: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="igea", description="Continued pretraining of small causal LMs.")
+    parser.add_argument("--version", action="version", version=f"igea {igea.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    for add in (add_train, add_prepare, add_generate):
+        add(commands)
+    return parser
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if not debug:
+        for noisy in ("httpx", "urllib3", "filelock", "fsspec", "huggingface_hub"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.block_size=512")
+
+
+def _command(commands, name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help, description=help)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------
+# igea train / igea prepare
+
+
+def add_train(commands) -> None:
+    parser = _command(commands, "train", cmd_train, "continue pretraining as the config says, then sample text")
+    _config_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = igea.load_config(args.config, args.overrides)
+    result = igea.run(cfg, resume=args.resume, overwrite=args.overwrite)
+    summary = {split: {k: v for k, v in result.metrics[split].items() if k in SUMMARY_KEYS}
+               for split in ("before", "after") if split in result.metrics}
+    print(f"\nrun saved in {result.output_dir}")
+    for split, values in summary.items():
+        print(f"  eval {split:6s} " + "  ".join(f"{k.removeprefix('eval_')}={v:.4f}" for k, v in values.items()))
+    for prompt, text in result.metrics.get("samples", {}).items():
+        print(f"\nsample for {prompt!r}:\n{text}")
+    return 0
+
+
+SUMMARY_KEYS = ("eval_loss", "eval_perplexity", "eval_accuracy")
+
+
+def add_prepare(commands) -> None:
+    parser = _command(commands, "prepare", cmd_prepare, "load, clean, tokenize and pack the corpus (cached)")
+    _config_arguments(parser)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    cfg = igea.load_config(args.config, args.overrides)
+    data = igea.prepare_dataset(cfg)
+    print(json.dumps(data.stats, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# igea generate
+
+
+def add_generate(commands) -> None:
+    parser = _command(commands, "generate", cmd_generate, "generate text from a run directory or any causal LM")
+    parser.add_argument("path", help="run directory, model directory or hub id")
+    parser.add_argument("prompts", nargs="*", help="prompts (or --file, or lines on stdin)")
+    parser.add_argument("--file", help="read prompts from a file, one a line ('-' for stdin)")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--num-return-sequences", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--full-text", action="store_true", help="print prompt + continuation")
+    parser.add_argument("--stream", action="store_true", help="print text as it is produced")
+    parser.add_argument("--jsonl", action="store_true", help="one JSON object a line: prompt, completion, ...")
+    parser.add_argument("--device")
+    parser.add_argument("--dtype")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from igea.generate import run_cli
+
+    return run_cli(args)

@@ -1,0 +1,164 @@
+"""Loading the base model and tokenizer, and building a tiny Mistral for offline demos and tests."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from igea.config import IgeaConfig, ModelConfig, TinyModelConfig
+from igea.errors import IgeaError
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def base_model_path(cfg: IgeaConfig) -> str:
+    """Where the base model comes from: the configured hub id / directory, or the tiny model's directory."""
+    if cfg.model.name_or_path is not None:
+        return cfg.model.name_or_path
+    return str(cfg.output_dir / "base-model")
+
+
+def load_tokenizer(cfg: IgeaConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of the base model; it must define an EOS token to mark document boundaries."""
+    source = base_model_path(cfg)
+    tokenizer = _from_pretrained(AutoTokenizer, source, cfg.model)
+    if tokenizer.eos_token_id is None:
+        raise IgeaError(f"tokenizer of '{source}' has no EOS token; igea needs one to separate documents")
+    return tokenizer
+
+
+def load_model(cfg: IgeaConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base causal LM and its tokenizer as the `model:` section says.
+
+    Builds the tiny model first when `model.tiny` is set and it does not exist yet (that needs the corpus).
+    """
+    if cfg.model.tiny is not None:
+        ensure_tiny_model(cfg)
+    tokenizer = load_tokenizer(cfg)
+    return load_causal_lm(base_model_path(cfg), cfg.model), tokenizer
+
+
+def load_causal_lm(source: str, model_cfg: ModelConfig) -> PreTrainedModel:
+    """A causal LM from a hub id or directory, with the configured dtype and attention implementation."""
+    kwargs: dict = {"dtype": DTYPES.get(model_cfg.dtype, "auto")}
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    model = _from_pretrained(AutoModelForCausalLM, source, model_cfg, **kwargs)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def model_context_length(source: str, model_cfg: ModelConfig) -> int | None:
+    """The longest sequence the model's positions allow, read from its config alone (no weights)."""
+    config = _from_pretrained(AutoConfig, source, model_cfg)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _from_pretrained(loader, source: str, model_cfg: ModelConfig, **kwargs):
+    """Call `loader.from_pretrained` and turn hub, network and remote-code failures into one clear line."""
+    try:
+        return loader.from_pretrained(
+            source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+        )
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise IgeaError(
+                f"model '{source}' needs custom code from its repository; set model.trust_remote_code: true "
+                "only if you trust it"
+            ) from err
+        raise IgeaError(f"cannot load model '{source}': {_first_line(err)}") from err
+    except OSError as err:
+        if Path(source).is_dir():
+            raise IgeaError(f"cannot load model from directory '{source}': {_first_line(err)}") from err
+        raise IgeaError(
+            f"cannot load model '{source}': it is not a local directory and the Hugging Face hub did not "
+            "answer (offline, wrong id, or a gated repo without a token)"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tiny model
+
+
+def ensure_tiny_model(cfg: IgeaConfig) -> Path:
+    """Build the tiny base model into `<output_dir>/base-model` unless it is already there."""
+    target = Path(base_model_path(cfg))
+    if (target / "config.json").is_file():
+        return target
+    from igea.data import read_documents  # the corpus trains the tokenizer
+
+    texts = read_documents(cfg.data, limit=20000)
+    return build_tiny_model(texts, cfg.model.tiny, target)
+
+
+def build_tiny_model(texts: Iterable[str], shape: TinyModelConfig, out_dir: str | Path) -> Path:
+    """Train a byte-level BPE tokenizer on `texts` and save a randomly initialised tiny Mistral beside it.
+
+    The result is a normal Hugging Face model directory (safetensors weights), loadable by `from_pretrained`.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = train_bpe_tokenizer(texts, shape.vocab_size)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(shape.seed)
+    model = MistralForCausalLM(config)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out_dir)
+    logger.info("built tiny Mistral (%.2fM parameters, vocab %d) in %s", model.num_parameters() / 1e6,
+                len(tokenizer), out_dir)
+    return out_dir
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (no unknown characters) with <s>, </s>, <unk> and <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
+    tokenizer.model_max_length = 1_000_000
+    return tokenizer

@@ -1,0 +1,266 @@
+"""Continued pretraining with the Hugging Face Trainer: the card's recipe, from one config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from igea.config import IgeaConfig
+from igea.data import PreparedData, prepare_dataset
+from igea.errors import ConfigError, IgeaError
+from igea.metrics import IGNORE_INDEX, TokenAccuracy, argmax_logits, perplexity
+from igea.modeling import base_model_path, load_model, model_context_length
+
+logger = logging.getLogger(__name__)
+
+RUN_MARKER = "igea_run.json"
+"""Written last, into the output directory of a finished run: config, versions and metrics."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run left in `output_dir`, and its metrics."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class BlockCollator:
+    """Stack equal-length blocks into a batch; labels are the inputs (the model shifts them).
+
+    Blocks packed by document carry `position_ids`; the first token of each document is then not a target,
+    so no token is predicted from another document.
+    """
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
+        batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+        if "position_ids" in examples[0]:
+            position_ids = torch.tensor([e["position_ids"] for e in examples], dtype=torch.long)
+            batch["position_ids"] = position_ids
+            batch["labels"][position_ids == 0] = IGNORE_INDEX
+        return batch
+
+
+def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Continue pretraining the base model on the corpus; save weights, tokenizer and metrics in `output_dir`."""
+    output_dir = cfg.output_dir
+    check_output_dir(output_dir, resume=resume, overwrite=overwrite)
+    args = training_arguments(cfg)  # before anything heavy: a bad recipe fails in a second
+    model, tokenizer = load_model(cfg)
+    check_block_size(cfg)
+    data = prepare_dataset(cfg, tokenizer)
+    if cfg.data.packing == "documents":
+        model.config.use_cache = False  # with a cache, restarting position_ids do not mask across documents
+    trainer = build_trainer(cfg, args, model, tokenizer, data)
+
+    metrics: dict[str, Any] = {"data": data.stats}
+    if data.validation is not None and cfg.eval.before_training and not resume:
+        metrics["before"] = evaluate_trainer(trainer)
+    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    if resume and checkpoint is None:
+        logger.warning("--resume: no complete checkpoint in %s, starting from the beginning", output_dir)
+    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics["train"] = train_output.metrics
+    if data.validation is not None:
+        metrics["after"] = evaluate_trainer(trainer)
+    save_run(trainer, cfg, metrics)
+    return RunResult(output_dir, metrics, trainer.state.log_history)
+
+
+def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, data: PreparedData) -> Trainer:
+    """A plain transformers Trainer over the packed blocks, with next-token accuracy as its metric."""
+    callbacks: list[TrainerCallback] = []
+    if cfg.training.get("stop_on_nonfinite_loss", True):
+        callbacks.append(NonFiniteLossGuard())
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        data_collator=BlockCollator(),
+        processing_class=tokenizer,
+        compute_metrics=TokenAccuracy(),
+        preprocess_logits_for_metrics=argmax_logits,
+        callbacks=callbacks,
+    )
+
+
+def evaluate_trainer(trainer: Trainer) -> dict[str, float]:
+    """Held-out loss, perplexity and next-token accuracy of the trainer's current model."""
+    metrics = trainer.evaluate()
+    metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training arguments
+
+
+def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
+    """TrainingArguments from the `training:` section, with igea's own keys translated.
+
+    `warmup_ratio` becomes transformers 5's fractional `warmup_steps`; `total_train_batch_size` sets the
+    gradient accumulation for the current world size.
+    """
+    section = dict(cfg.training)
+    ratio = section.pop("warmup_ratio", None)
+    if ratio is not None:
+        section["warmup_steps"] = float(ratio)
+    total = section.pop("total_train_batch_size", None)
+    section.pop("stop_on_nonfinite_loss", None)
+    if total is not None:
+        section["gradient_accumulation_steps"] = accumulation_for(total, section, world_size())
+    if not has_validation(cfg):
+        section["eval_strategy"] = "no"
+    section.setdefault("batch_eval_metrics", True)
+    section.setdefault("save_only_model", False)
+    try:
+        return TrainingArguments(**section)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"training: {str(err).strip().splitlines()[0]}") from None
+
+
+def has_validation(cfg: IgeaConfig) -> bool:
+    return cfg.data.validation_path is not None or bool(cfg.data.validation_split)
+
+
+def world_size() -> int:
+    """Number of training processes, as torchrun / accelerate launch announce it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accumulation_for(total: int, section: dict[str, Any], processes: int) -> int:
+    """Gradient accumulation steps that make per-device batch x processes x steps equal `total`."""
+    per_device = section.get("per_device_train_batch_size", 8)
+    per_step = per_device * processes
+    if total % per_step:
+        raise ConfigError(
+            f"training.total_train_batch_size: {total} is not divisible by per_device_train_batch_size "
+            f"({per_device}) x processes ({processes}) = {per_step}"
+        )
+    return total // per_step
+
+
+def check_block_size(cfg: IgeaConfig) -> None:
+    """Refuse blocks longer than the positions the model was built for."""
+    context = model_context_length(base_model_path(cfg), cfg.model)
+    if context is not None and cfg.data.block_size > context:
+        raise ConfigError(
+            f"data.block_size: {cfg.data.block_size} is longer than the model's context ({context} positions)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run directory: protection, checkpoints, final outputs
+
+
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Never replace a finished run or an interrupted one unless asked to (`overwrite` / `resume`)."""
+    if not output_dir.exists():
+        return
+    if output_dir.is_file():
+        raise IgeaError(f"training.output_dir: '{output_dir}' is a file, not a directory")
+    finished = (output_dir / RUN_MARKER).is_file()
+    checkpoints = list(output_dir.glob("checkpoint-*"))
+    if overwrite:
+        for child in output_dir.iterdir():
+            if child.name != "base-model":  # the tiny base model is rebuilt identically; keep it
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return
+    if finished:
+        raise IgeaError(
+            f"training.output_dir: '{output_dir}' holds a finished run; pass --overwrite to replace it "
+            "or choose another output_dir"
+        )
+    if checkpoints and not resume:
+        raise IgeaError(
+            f"training.output_dir: '{output_dir}' holds checkpoints of an unfinished run; pass --resume to "
+            "continue it or --overwrite to start again"
+        )
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest `checkpoint-N` that was written to the end (its trainer state is saved last)."""
+    complete = [
+        p for p in output_dir.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any]) -> None:
+    """Final weights (safetensors), tokenizer, metrics.json and, last, the finished-run marker."""
+    out = cfg.output_dir
+    trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
+    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "log_history.json", trainer.state.log_history)
+    write_json_atomic(out / RUN_MARKER, {"config": cfg.to_dict(), "versions": framework_versions(),
+                                         "layout": trainer_layout(trainer), "metrics": metrics})
+
+
+def trainer_layout(trainer: Trainer) -> dict[str, Any]:
+    """How the batch was spread: devices, per-device batch, accumulation and the global batch."""
+    args = trainer.args
+    return {
+        "distributed_type": str(args.parallel_mode.value) if hasattr(args.parallel_mode, "value") else "",
+        "num_devices": args.world_size,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "per_device_eval_batch_size": args.per_device_eval_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "total_train_batch_size": args.per_device_train_batch_size * args.world_size
+        * args.gradient_accumulation_steps,
+        "total_eval_batch_size": args.per_device_eval_batch_size * args.world_size,
+    }
+
+
+def framework_versions() -> dict[str, str]:
+    import datasets
+    import tokenizers
+    import transformers
+
+    import igea
+
+    return {"igea": igea.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
+            "datasets": datasets.__version__, "tokenizers": tokenizers.__version__}
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stop the run when a logged training loss is NaN or inf, before it writes a poisoned checkpoint."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss became {loss} at step {state.global_step}; the last good checkpoint is kept "
+                "(lower training.learning_rate or check the data, then --resume)"
+            )
+
+
+class NonFiniteLossError(IgeaError):
+    """The training loss became NaN or inf."""
