@@ -284,12 +284,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums:  # `SchedulerType | str`: the string must still be one of the enum's values
+            return _coerce(value, enums[0], key)
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(err)
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from igea.config import DataConfig, IgeaConfig, resolve_local_files
 from igea.errors import IgeaError
+from igea.hub import hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,11 @@ def load_corpus(d: DataConfig, paths: str | list[str] | None = None) -> Dataset:
 
 
 def _load_hub(dataset_id: str, d: DataConfig) -> Dataset:
+    if not hub_reachable() and not datasets_offline():
+        raise IgeaError(
+            f"cannot load dataset '{dataset_id}': it is not a local file and the Hugging Face hub is unreachable "
+            "(set HF_HUB_OFFLINE=1 to use a cached copy)"
+        )
     try:
         return load_dataset(dataset_id, d.name, split=d.split, revision=d.revision, cache_dir=d.cache_dir)
     except (ConnectionError, OSError) as err:
@@ -112,6 +118,13 @@ def _load_hub(dataset_id: str, d: DataConfig) -> Dataset:
         ) from err
     except ValueError as err:
         raise IgeaError(f"cannot load dataset '{dataset_id}': {str(err).splitlines()[0]}") from err
+
+
+def datasets_offline() -> bool:
+    """True when datasets was told to use only its local cache (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    import datasets
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
 
 
 def file_format(path: str) -> str:
@@ -258,6 +271,9 @@ def pack_blocks(
     features = {"input_ids": List(Value("int32"))}
     if packing == "documents":
         features["position_ids"] = List(Value("int32"))
+    if total < block_size:
+        empty = Dataset.from_dict({name: [] for name in features}, features=Features(features))
+        return empty, {"tokens": total, "blocks": 0, "remainder": total}
     key = f"{tokens._fingerprint}-{block_size}-{packing}"
     blocks = Dataset.from_generator(
         _generate_blocks,

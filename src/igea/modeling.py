@@ -20,6 +20,7 @@ from transformers import (
 
 from igea.config import IgeaConfig, ModelConfig, TinyModelConfig
 from igea.errors import IgeaError
+from igea.hub import hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,12 @@ def model_context_length(source: str, model_cfg: ModelConfig) -> int | None:
 
 
 def _from_pretrained(loader, source: str, model_cfg: ModelConfig, **kwargs):
-    """Call `loader.from_pretrained` and turn hub, network and remote-code failures into one clear line."""
+    """Call `loader.from_pretrained` and turn hub, network and remote-code failures into one clear line.
+
+    When the hub is unreachable, a hub id is looked up in the local cache only (no retries).
+    """
+    if not Path(source).is_dir() and not hub_reachable():
+        kwargs["local_files_only"] = True
     try:
         return loader.from_pretrained(
             source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
@@ -87,9 +93,14 @@ def _from_pretrained(loader, source: str, model_cfg: ModelConfig, **kwargs):
     except OSError as err:
         if Path(source).is_dir():
             raise IgeaError(f"cannot load model from directory '{source}': {_first_line(err)}") from err
+        if kwargs.get("local_files_only"):
+            raise IgeaError(
+                f"cannot load model '{source}': it is not a local directory, not in the local cache, and the "
+                "Hugging Face hub is unreachable"
+            ) from err
         raise IgeaError(
-            f"cannot load model '{source}': it is not a local directory and the Hugging Face hub did not "
-            "answer (offline, wrong id, or a gated repo without a token)"
+            f"cannot load model '{source}': it is not a local directory and the Hugging Face hub has no such "
+            "model (wrong id, or a gated repo without a token)"
         ) from err
 
 

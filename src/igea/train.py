@@ -55,10 +55,13 @@ class BlockCollator:
 def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Continue pretraining the base model on the corpus; save weights, tokenizer and metrics in `output_dir`."""
     output_dir = cfg.output_dir
+    if cfg.model.tiny is None:
+        check_block_size(cfg)  # reads only the model's config: an unreachable hub id fails in seconds
+    args = training_arguments(cfg)  # before anything heavy or destructive: a bad recipe fails in a second
     check_output_dir(output_dir, resume=resume, overwrite=overwrite)
-    args = training_arguments(cfg)  # before anything heavy: a bad recipe fails in a second
     model, tokenizer = load_model(cfg)
-    check_block_size(cfg)
+    if cfg.model.tiny is not None:
+        check_block_size(cfg)
     data = prepare_dataset(cfg, tokenizer)
     if cfg.data.packing == "documents":
         model.config.use_cache = False  # with a cache, restarting position_ids do not mask across documents
@@ -174,9 +177,7 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
     finished = (output_dir / RUN_MARKER).is_file()
     checkpoints = list(output_dir.glob("checkpoint-*"))
     if overwrite:
-        for child in output_dir.iterdir():
-            if child.name != "base-model":  # the tiny base model is rebuilt identically; keep it
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        shutil.rmtree(output_dir)
         return
     if finished:
         raise IgeaError(

@@ -1,0 +1,75 @@
+"""The `igea` command: exit codes, one-line errors on stderr, and a full run from the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import igea
+from igea.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and igea.__version__ in capsys.readouterr().out
+
+
+def test_config_error_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  tiny: {}\ndata:\n  path: igea:sample\ntraining:\n  learnig_rate: 1\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("igea: error: unknown key 'training.learnig_rate'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_override_exit_2(capsys):
+    assert main(["train", str(ROOT / "configs" / "demo.yaml"), "training.nope=1"]) == 2
+    assert "unknown key 'training.nope'" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(igea.ConfigError):
+        main(["--debug", "train", str(tmp_path / "missing.yaml")])
+
+
+def test_unreachable_hub_model_fails_fast_with_one_line(tmp_path):
+    """The card's recipe on a machine without network: the hub id is named, no traceback, exit 2."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "igea", "train", str(ROOT / "configs" / "igea-1b.yaml"),
+         f"training.output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("igea: error: cannot load model 'sapienzanlp/Minerva-1B-base-v1.0'")
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 60
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_train_from_the_command_line(tiny_model_dir, corpus_file, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model:\n  name_or_path: {tiny_model_dir}\n"
+        f"data:\n  path: {corpus_file}\n  block_size: 64\n"
+        f"training:\n  output_dir: {tmp_path / 'run'}\n  max_steps: 6\n  per_device_train_batch_size: 4\n"
+        "  eval_steps: 3\n  save_steps: 3\n  logging_steps: 3\n  use_cpu: true\n  disable_tqdm: true\n"
+        "generation:\n  prompts: ['Il fegato è ']\n  max_new_tokens: 5\n"
+    )
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "eval after" in out and "sample for 'Il fegato è '" in out
+    assert main(["train", str(config)]) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    assert main(["train", str(config), "--overwrite"]) == 0

@@ -1,0 +1,90 @@
+"""A tiny continued-pretraining run: the loss goes down, outputs are saved, finished runs are protected."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from igea.errors import ConfigError, IgeaError
+from igea.metrics import count_correct
+from igea.train import RUN_MARKER, train, training_arguments
+
+from conftest import make_config
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, corpus_file, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = make_config(tmp, tiny_model_dir, corpus_file)
+    return cfg, train(cfg)
+
+
+def test_eval_loss_goes_down_and_metrics_are_saved(finished_run):
+    cfg, result = finished_run
+    before, after = result.metrics["before"], result.metrics["after"]
+    assert after["eval_loss"] < before["eval_loss"] - 0.2
+    assert after["eval_accuracy"] > before["eval_accuracy"]
+    saved = json.loads((cfg.output_dir / "metrics.json").read_text())
+    assert saved["after"]["eval_loss"] == after["eval_loss"]
+    assert saved["after"]["eval_perplexity"] == pytest.approx(torch.tensor(after["eval_loss"]).exp().item())
+    losses = [e["loss"] for e in result.log_history if "loss" in e]
+    assert losses[-1] < losses[0]
+
+
+def test_run_dir_holds_safetensors_tokenizer_and_marker(finished_run):
+    cfg, _ = finished_run
+    out = cfg.output_dir
+    assert (out / "model.safetensors").is_file() and not list(out.glob("pytorch_model*.bin"))
+    assert (out / "tokenizer.json").is_file() and (out / RUN_MARKER).is_file()
+    marker = json.loads((out / RUN_MARKER).read_text())
+    assert marker["config"]["training"]["learning_rate"] == 1e-3 and "transformers" in marker["versions"]
+    weights = load_file(out / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
+
+
+def test_trainer_accuracy_equals_a_forward_pass_by_hand(finished_run):
+    cfg, result = finished_run
+    from igea.data import prepare_dataset
+    from igea.modeling import load_tokenizer
+
+    data = prepare_dataset(cfg, load_tokenizer(cfg))
+    model = AutoModelForCausalLM.from_pretrained(cfg.output_dir).eval()
+    ids = torch.tensor(data.validation["input_ids"], dtype=torch.long)
+    with torch.no_grad():
+        predictions = model(ids).logits.argmax(-1)
+    correct, counted = count_correct(predictions, ids)
+    assert result.metrics["after"]["eval_accuracy"] == pytest.approx(correct / counted, abs=1e-6)
+
+
+def test_finished_run_is_never_overwritten_without_asking(finished_run):
+    cfg, _ = finished_run
+    stamp = (cfg.output_dir / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(IgeaError, match="holds a finished run; pass --overwrite"):
+        train(cfg)
+    assert (cfg.output_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_card_warmup_ratio_maps_to_fractional_warmup_steps(tiny_model_dir, corpus_file, tmp_path):
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, training={"warmup_ratio": 0.02})
+    args = training_arguments(cfg)
+    assert args.warmup_steps == 0.02
+    assert args.get_warmup_steps(1000) == 20
+
+
+def test_total_batch_size_sets_accumulation(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, training={"total_train_batch_size": 16})
+    assert training_arguments(cfg).gradient_accumulation_steps == 4
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, training={"total_train_batch_size": 10})
+    with pytest.raises(ConfigError, match="total_train_batch_size: 10 is not divisible by"):
+        training_arguments(cfg)
+
+
+def test_block_size_above_model_context_is_refused(tiny_model_dir, corpus_file, tmp_path):
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, data={"block_size": 4096})
+    with pytest.raises(ConfigError, match="data.block_size: 4096 is longer than the model's context"):
+        train(cfg)
