@@ -126,3 +126,10 @@ def test_directory_or_missing_config(tmp_path):
         load_config(tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_quirks_validation_count_and_bare_no(tmp_path):
+    cfg = load_config(minimal(tmp_path), ["data.validation_split=8", "training.save_strategy=no",
+                                          "training.eval_strategy=no"])
+    assert cfg.data.validation_split == 8 and isinstance(cfg.data.validation_split, int)
+    assert cfg.training["save_strategy"] == "no" and cfg.training["eval_strategy"] == "no"

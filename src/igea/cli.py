@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"igea {igea.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for add in (add_train, add_prepare, add_generate):
+    for add in (add_train, add_prepare, add_generate, add_card, add_eval):
         add(commands)
     return parser
 
@@ -124,5 +124,51 @@ def add_generate(commands) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from igea.generate import run_cli
+
+    return run_cli(args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# igea card
+
+
+def add_card(commands) -> None:
+    parser = _command(commands, "card", cmd_card, "write the model card and curves.png of a finished run")
+    parser.add_argument("run_dir", help="output directory of a finished run")
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from igea.report import write_report
+
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# igea eval
+
+
+def add_eval(commands) -> None:
+    parser = _command(commands, "eval", cmd_eval,
+                      "held-out loss, perplexity and accuracy, and multiple-choice benchmarks, of a model")
+    parser.add_argument("path", help="run directory, model directory or hub id")
+    parser.add_argument("--corpus", nargs="+", metavar="FILE",
+                        help="held-out text: files, globs, directories or a hub dataset id")
+    parser.add_argument("--tasks", help="comma-separated: medmcqa_ita, hellaswag_it, arc_it, mmlu_it, "
+                                        ".yaml task files or .jsonl/.csv/.parquet question files")
+    parser.add_argument("--compare", metavar="BASE", help="also evaluate BASE on the same data, and the change")
+    parser.add_argument("--num-fewshot", type=int, help="examples before each question (default: the task's)")
+    parser.add_argument("--limit", type=int, help="score only the first N questions of each task")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--block-size", type=int, help="held-out block length (default: the run's)")
+    parser.add_argument("--output", metavar="JSON", help="write results and per-question predictions here")
+    parser.add_argument("--device")
+    parser.add_argument("--dtype")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from igea.evaluate import run_cli
 
     return run_cli(args)

@@ -287,7 +287,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
         if enums:  # `SchedulerType | str`: the string must still be one of the enum's values
             return _coerce(value, enums[0], key)
-        for arg in (a for a in args if a is not type(None)):
+        candidates = [a for a in args if a is not type(None)]
+        exact = [a for a in candidates if type(value) is a]  # `float | int` keeps an int an int
+        for arg in exact + candidates:
             try:
                 return _coerce(value, arg, key)
             except ConfigError:
@@ -307,6 +309,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         allowed = [m.value for m in hint]
         if isinstance(value, hint):
             return value.value
+        if value is False and "no" in allowed:  # YAML 1.1 reads a bare `no` as false
+            return "no"
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
         return value

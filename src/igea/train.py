@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -12,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from igea.config import IgeaConfig
 from igea.data import PreparedData, prepare_dataset
@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 RUN_MARKER = "igea_run.json"
 """Written last, into the output directory of a finished run: config, versions and metrics."""
+BEFORE_METRICS = "eval_before.json"
+CHECKPOINT_MARKER = "igea_checkpoint.json"
+"""Written into a checkpoint once all of it is on disk; a checkpoint without it is never resumed from."""
 
 
 @dataclass
@@ -68,11 +71,15 @@ def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> Run
     trainer = build_trainer(cfg, args, model, tokenizer, data)
 
     metrics: dict[str, Any] = {"data": data.stats}
-    if data.validation is not None and cfg.eval.before_training and not resume:
-        metrics["before"] = evaluate_trainer(trainer)
+    if not resume:  # a run started afresh never reuses the base-model metrics of an abandoned one
+        (output_dir / BEFORE_METRICS).unlink(missing_ok=True)
+    if data.validation is not None and cfg.eval.before_training:
+        metrics["before"] = evaluate_before(trainer, output_dir)
     checkpoint = last_complete_checkpoint(output_dir) if resume else None
     if resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from the beginning", output_dir)
+    elif checkpoint is not None:
+        logger.info("resuming from %s", checkpoint)
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics["train"] = train_output.metrics
     if data.validation is not None:
@@ -81,12 +88,37 @@ def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> Run
     return RunResult(output_dir, metrics, trainer.state.log_history)
 
 
+class IgeaTrainer(Trainer):
+    """The transformers Trainer with two safety nets: a NaN/inf loss stops the run before it reaches a
+    checkpoint, and every checkpoint gets a completion marker once all of it is on disk.
+    """
+
+    def __init__(self, *args: Any, stop_on_nonfinite_loss: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # the Trainer itself reads the loss every step (logging_nan_inf_filter), so this adds no device sync
+        if self.stop_on_nonfinite_loss and not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at step {self.state.global_step + 1}; the last good checkpoint "
+                "is kept (lower training.learning_rate or check the data, then --resume)"
+            )
+        return loss
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank has written its part (RNG states, shards)
+        if self.is_world_process_zero():
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_json_atomic(folder / CHECKPOINT_MARKER, {"global_step": self.state.global_step})
+
+
 def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, data: PreparedData) -> Trainer:
-    """A plain transformers Trainer over the packed blocks, with next-token accuracy as its metric."""
-    callbacks: list[TrainerCallback] = []
-    if cfg.training.get("stop_on_nonfinite_loss", True):
-        callbacks.append(NonFiniteLossGuard())
-    return Trainer(
+    """igea's Trainer over the packed blocks, with next-token accuracy as its metric."""
+    return IgeaTrainer(
+        stop_on_nonfinite_loss=cfg.training.get("stop_on_nonfinite_loss", True),
         model=model,
         args=args,
         train_dataset=data.train,
@@ -95,8 +127,19 @@ def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, da
         processing_class=tokenizer,
         compute_metrics=TokenAccuracy(),
         preprocess_logits_for_metrics=argmax_logits,
-        callbacks=callbacks,
     )
+
+
+def evaluate_before(trainer: Trainer, output_dir: Path) -> dict[str, float]:
+    """Metrics of the base model, computed once and kept in the run dir so that a resumed run reuses them."""
+    path = output_dir / BEFORE_METRICS
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    metrics = evaluate_trainer(trainer)
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, metrics)
+    return metrics
 
 
 def evaluate_trainer(trainer: Trainer) -> dict[str, float]:
@@ -175,7 +218,7 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
     if output_dir.is_file():
         raise IgeaError(f"training.output_dir: '{output_dir}' is a file, not a directory")
     finished = (output_dir / RUN_MARKER).is_file()
-    checkpoints = list(output_dir.glob("checkpoint-*"))
+    checkpoints = list(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
     if overwrite:
         shutil.rmtree(output_dir)
         return
@@ -192,20 +235,28 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest `checkpoint-N` that was written to the end (its trainer state is saved last)."""
+    """The newest `checkpoint-N` that was written to the end (it holds igea's completion marker)."""
     complete = [
-        p for p in output_dir.glob("checkpoint-*")
-        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+        p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if p.name.split("-")[-1].isdigit() and (p / CHECKPOINT_MARKER).is_file()
     ]
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any]) -> None:
-    """Final weights (safetensors), tokenizer, metrics.json and, last, the finished-run marker."""
+    """Final weights (safetensors), tokenizer, metrics.json and, last, the finished-run marker.
+
+    The model is saved into a staging directory and each file renamed into place, so no reader (nor a crash)
+    ever sees a half-written weight file next to a finished-run marker.
+    """
     out = cfg.output_dir
-    trainer.save_model(str(out))
+    staging = out / ".final.tmp"
+    trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "log_history.json", trainer.state.log_history)
     write_json_atomic(out / RUN_MARKER, {"config": cfg.to_dict(), "versions": framework_versions(),
@@ -241,26 +292,8 @@ def framework_versions() -> dict[str, str]:
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary name, then rename: a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=_json_default) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return str(value)
-
-
-class NonFiniteLossGuard(TrainerCallback):
-    """Stop the run when a logged training loss is NaN or inf, before it writes a poisoned checkpoint."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss became {loss} at step {state.global_step}; the last good checkpoint is kept "
-                "(lower training.learning_rate or check the data, then --resume)"
-            )
 
 
 class NonFiniteLossError(IgeaError):

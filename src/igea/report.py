@@ -1,0 +1,420 @@
+"""The report of a finished run: `README.md` (a Hugging Face model card) and `curves.png`, in the run dir.
+
+Everything is read back from what the run saved (`igea_run.json`, `metrics.json`, `log_history.json`), so a
+card can be written again at any time with `igea card RUN_DIR`. The training results table comes from
+transformers' own model-card helpers; the hyperparameter list follows the lines transformers writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers.modelcard import make_markdown_table, parse_log_history
+
+from igea.config import SAMPLE_CORPUS, looks_local
+from igea.errors import IgeaError
+from igea.train import RUN_MARKER
+
+logger = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+CURVES_FILE = "curves.png"
+
+RESULT_COLUMNS = ("Training Loss", "Epoch", "Step", "Validation Loss", "Accuracy")
+VERSION_NAMES = {"transformers": "Transformers", "torch": "Pytorch", "datasets": "Datasets",
+                 "tokenizers": "Tokenizers"}
+
+DEFAULT_RISKS = """\
+This model comes from continued pretraining of a base language model on biomedical text. It has not been
+instruction-tuned or aligned with human preferences: it only continues the text it is given. Expect that it:
+
+- writes fluent text that can be false: invented findings, doses, statistics and references stated as facts;
+- mirrors the biases of its corpus: the diseases, populations and viewpoints that the literature studies most
+  are overrepresented, others are missing, and stereotypes found in the sources can be repeated;
+- carries the errors of its sources: a machine-translated corpus brings translation mistakes and terms that
+  clinicians would not use;
+- may produce offensive or otherwise inappropriate text, or repeat personal information seen in training.
+
+It is not a medical device and has not been validated in any clinical setting: never use its output for
+diagnosis, treatment or any other decision about a person's health. Fine-tune and evaluate it for a specific
+task, with qualified people reviewing its output, before any use beyond research."""
+
+
+@dataclass
+class RunRecord:
+    """What a finished run directory says about itself."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    layout: dict[str, Any]
+    versions: dict[str, str]
+    metrics: dict[str, Any]
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def card(self) -> dict[str, Any]:
+        return self.config.get("card") or {}
+
+    @property
+    def title(self) -> str:
+        return self.card.get("title") or self.run_dir.resolve().name
+
+
+def write_report(run_dir: Path) -> Path:
+    """Draw `curves.png` (when matplotlib is installed), write the model card `README.md`; return its path."""
+    run = load_run(Path(run_dir))
+    curves = write_curves(curve_points(run.log_history, run.metrics.get("before")), run.run_dir / CURVES_FILE)
+    path = run.run_dir / CARD_FILE
+    write_text_atomic(path, render_card(run, curves_drawn=curves is not None))
+    logger.info("model card written to %s", path)
+    return path
+
+
+def load_run(run_dir: Path) -> RunRecord:
+    """Read a finished run; `metrics.json` wins over the marker's copy (benchmarks are added to it later)."""
+    marker = run_dir / RUN_MARKER
+    if not marker.is_file():
+        raise IgeaError(f"card: '{run_dir}' is not a finished igea run (it has no {RUN_MARKER})")
+    record = read_json(marker)
+    missing = [key for key in ("config", "layout") if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise IgeaError(f"card: '{marker}' lacks '{missing[0]}'; it was not written by igea train")
+    metrics_file = run_dir / "metrics.json"
+    history_file = run_dir / "log_history.json"
+    return RunRecord(
+        run_dir=run_dir,
+        config=record["config"],
+        layout=record["layout"],
+        versions=record.get("versions", {}),
+        metrics=read_json(metrics_file) if metrics_file.is_file() else record.get("metrics", {}),
+        log_history=read_json(history_file) if history_file.is_file() else [],
+    )
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise IgeaError(f"card: '{path}' is not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The card
+
+
+def render_card(run: RunRecord, curves_drawn: bool) -> str:
+    """The whole model card as Markdown, front matter first."""
+    sections = [
+        front_matter(run.config),
+        f"# {run.title}\n\n{description(run)}{tiny_notice(run.config['model'])}",
+        how_to_use(run),
+        "## Bias, Risks and Limitations\n\n" + (run.card.get("risks") or DEFAULT_RISKS).strip(),
+        "## Training and evaluation data\n\n" + data_summary(run),
+        "## Training procedure\n\n" + base_model_line(run.config["model"]),
+        "### Training hyperparameters\n\nThe following hyperparameters were used during training:\n\n"
+        + "\n".join(hyperparameter_lines(run.config["training"], run.layout)),
+        "### Training results\n\n" + results_section(run.log_history, curves_drawn),
+        "### Framework versions\n\n" + "\n".join(version_lines(run.versions)),
+    ]
+    if run.metrics.get("benchmarks"):
+        sections.append(benchmark_section(run.metrics["benchmarks"], run.title))
+    return "\n\n".join(s.strip() for s in sections) + "\n"
+
+
+def front_matter(config: dict[str, Any]) -> str:
+    """The card's YAML header, as the hub reads it; empty lists and local base models are left out."""
+    card = config.get("card") or {}
+    meta = {
+        "language": card.get("language") or [],
+        "library_name": "transformers",
+        "base_model": hub_base_model(config["model"]),
+        "datasets": card.get("datasets") or hub_datasets(config["data"]),
+        "tags": card.get("tags") or [],
+        "license": card.get("license"),
+        "pipeline_tag": "text-generation",
+    }
+    meta = {key: value for key, value in meta.items() if value not in (None, [])}
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---"
+
+
+def hub_base_model(model: dict[str, Any]) -> str | None:
+    """The base model's hub id, or None for a tiny model or a local directory."""
+    path = model.get("name_or_path")
+    return path if path and not looks_local(path) else None
+
+
+def data_paths(data: dict[str, Any]) -> list[str]:
+    """Every corpus path of the `data:` section: `data.path` or each of `data.sources`."""
+    paths = [data["path"]] if data.get("path") else [s["path"] for s in data.get("sources") or []]
+    return [p for item in paths for p in ([item] if isinstance(item, str) else item)]
+
+
+def hub_datasets(data: dict[str, Any]) -> list[str]:
+    return [p for p in data_paths(data) if p != SAMPLE_CORPUS and not looks_local(p)]
+
+
+def describe_path(path: str) -> str:
+    if path == SAMPLE_CORPUS:
+        return "the Italian biomedical sample corpus shipped with igea"
+    if looks_local(path):
+        return f"local files (`{path}`)"
+    return f"[{path}](https://huggingface.co/datasets/{path})"
+
+
+def describe_base_model(model: dict[str, Any]) -> str:
+    tiny = model.get("tiny")
+    if tiny:
+        return (f"a tiny Mistral built locally by igea ({tiny['num_hidden_layers']} layers, hidden size "
+                f"{tiny['hidden_size']}, vocabulary {tiny['vocab_size']}, random initial weights)")
+    path = model["name_or_path"]
+    return f"the local model `{path}`" if looks_local(path) else f"[{path}](https://huggingface.co/{path})"
+
+
+def tiny_notice(model: dict[str, Any]) -> str:
+    if not model.get("tiny"):
+        return ""
+    return ("\n\n**The base model is a tiny random-weight model built for demos and tests: this run shows "
+            "the pipeline at work, it is not a useful language model.**")
+
+
+def description(run: RunRecord) -> str:
+    if run.card.get("description"):
+        return run.card["description"].strip()
+    corpora = " and ".join(describe_path(p) for p in data_paths(run.config["data"]))
+    return (f"{run.title} is a causal language model continually pretrained on {corpora}, "
+            f"from {describe_base_model(run.config['model'])}.")
+
+
+def base_model_line(model: dict[str, Any]) -> str:
+    return f"Base model: {describe_base_model(model)}."
+
+
+def how_to_use(run: RunRecord) -> str:
+    """A transformers pipeline snippet that loads this run directory and continues the first prompt."""
+    generation = run.config.get("generation") or {}
+    prompt = (generation.get("prompts") or ["Il fegato è "])[0]
+    max_new_tokens = generation.get("max_new_tokens", 128)
+    model = _literal(str(run.run_dir))
+    return (
+        "## How to use\n\n"
+        "```python\n"
+        "import transformers\n\n"
+        f"pipeline = transformers.pipeline(\"text-generation\", model={model}, dtype=\"auto\")\n"
+        f"output = pipeline({_literal(prompt)}, max_new_tokens={max_new_tokens})\n"
+        "print(output[0][\"generated_text\"])\n"
+        "```"
+    )
+
+
+def _literal(text: str) -> str:
+    """A double-quoted Python string literal (JSON's escapes are Python's), accents kept as they are."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def data_summary(run: RunRecord) -> str:
+    """Where the corpus came from, its size per split, and the final held-out loss and accuracy."""
+    corpora = ", ".join(describe_path(p) for p in data_paths(run.config["data"]))
+    block = run.config["data"].get("block_size")
+    lines = [f"Corpus: {corpora}, packed into blocks of {block} tokens.", ""]
+    for split, counts in (run.metrics.get("data") or {}).items():
+        sizes = ", ".join(f"{counts[k]:,} {k}" for k in ("documents", "tokens", "blocks") if k in counts)
+        lines.append(f"- {split}: {sizes}")
+    return "\n".join(lines) + "\n\n" + evaluation_summary(run.metrics)
+
+
+def evaluation_summary(metrics: dict[str, Any]) -> str:
+    after = metrics.get("after")
+    if not after:
+        return "No held-out set was evaluated (`data.validation_split: 0` and no `data.validation_path`)."
+    lines = ["It achieves the following results on the evaluation set:", ""]
+    lines.append(f"- Loss: {after['eval_loss']:.4f}")
+    if "eval_accuracy" in after:
+        lines.append(f"- Accuracy: {after['eval_accuracy']:.4f}")
+    before = metrics.get("before")
+    if before:
+        accuracy = f" and accuracy {before['eval_accuracy']:.4f}" if "eval_accuracy" in before else ""
+        loss = f"{before['eval_loss']:.4f}"
+        lines += ["", f"Before training, the base model had loss {loss}{accuracy} on the same set."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hyperparameters, results, versions, benchmarks
+
+
+def training_defaults() -> dict[str, Any]:
+    """TrainingArguments' field defaults, for the keys a config leaves out (no TrainingArguments is built)."""
+    from transformers import TrainingArguments
+
+    fields = dataclasses.fields(TrainingArguments)
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+
+
+def hyperparameter_lines(training: dict[str, Any], layout: dict[str, Any]) -> list[str]:
+    """`- name: value` lines by the rules of transformers' model card (optimizer, warmup as the card says).
+
+    Batch sizes, devices and accumulation come from the recorded layout, the rest from `training:`.
+    """
+    t = {**training_defaults(), **training}
+    values: dict[str, Any] = {
+        "learning_rate": t["learning_rate"],
+        "train_batch_size": layout["per_device_train_batch_size"],
+        "eval_batch_size": layout["per_device_eval_batch_size"],
+        "seed": t["seed"],
+    }
+    kind = layout.get("distributed_type") or "not_parallel"
+    if kind not in ("not_parallel", "not_distributed"):
+        values["distributed_type"] = "multi-GPU" if kind == "distributed" else kind
+    if layout["num_devices"] > 1:
+        values["num_devices"] = layout["num_devices"]
+    if layout["gradient_accumulation_steps"] > 1:
+        values["gradient_accumulation_steps"] = layout["gradient_accumulation_steps"]
+    if layout["total_train_batch_size"] != values["train_batch_size"]:
+        values["total_train_batch_size"] = layout["total_train_batch_size"]
+    if layout["total_eval_batch_size"] != values["eval_batch_size"]:
+        values["total_eval_batch_size"] = layout["total_eval_batch_size"]
+    values["optimizer"] = optimizer_description(t)
+    values["lr_scheduler_type"] = getattr(t["lr_scheduler_type"], "value", t["lr_scheduler_type"])
+    values.update(warmup_value(t))
+    if t["max_steps"] != -1:
+        values["training_steps"] = t["max_steps"]
+    else:
+        epochs = t["num_train_epochs"]
+        values["num_epochs"] = int(epochs) if float(epochs).is_integer() else epochs
+    if t.get("fp16"):
+        values["mixed_precision_training"] = "Native AMP"
+    if t.get("label_smoothing_factor"):
+        values["label_smoothing_factor"] = t["label_smoothing_factor"]
+    return [f"- {name}: {value}" for name, value in values.items()]
+
+
+def optimizer_description(t: dict[str, Any]) -> str:
+    """`Adam with betas=(0.9,0.95) and epsilon=1e-08` for the Adam family, as the published cards say."""
+    optim = getattr(t["optim"], "value", t["optim"])
+    extra = f" and optimizer_args={t['optim_args']}" if t.get("optim_args") else ""
+    if "adam" in optim.lower():
+        return f"Adam with betas=({t['adam_beta1']},{t['adam_beta2']}) and epsilon={t['adam_epsilon']}{extra}"
+    return f"Use {optim}{extra}"
+
+
+def warmup_value(t: dict[str, Any]) -> dict[str, Any]:
+    """igea's `warmup_ratio`, or transformers 5's `warmup_steps` (a float below 1 is a ratio there)."""
+    if t.get("warmup_ratio") is not None:
+        return {"lr_scheduler_warmup_ratio": t["warmup_ratio"]} if t["warmup_ratio"] else {}
+    steps = t.get("warmup_steps") or 0
+    if 0 < steps < 1:
+        return {"lr_scheduler_warmup_ratio": steps}
+    return {"lr_scheduler_warmup_steps": steps} if steps else {}
+
+
+def result_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per evaluation during training, as transformers' model card builds them, in the card's columns.
+
+    The training loss of a row is the last one logged at or before its step ("No log" before the first).
+    """
+    _, lines, _ = parse_log_history(log_history)
+    return [{c: line[c] for c in RESULT_COLUMNS if c in line} for line in lines or []]
+
+
+def results_section(log_history: list[dict[str, Any]], curves_drawn: bool) -> str:
+    rows = result_rows(log_history)
+    table = make_markdown_table(rows).strip() if rows else "No evaluation ran during training."
+    if curves_drawn:
+        curves = f"![Training and validation loss and accuracy]({CURVES_FILE})"
+    else:
+        curves = "The training curves were not drawn: matplotlib is missing (`pip install igea[plots]`)."
+    return f"{table}\n\n{curves}"
+
+
+def version_lines(versions: dict[str, str]) -> list[str]:
+    return [f"- {VERSION_NAMES.get(name, name)} {version}" for name, version in versions.items()]
+
+
+def benchmark_section(benchmarks: dict[str, dict[str, Any]], title: str) -> str:
+    """The card's evaluation table: normalized accuracy (plain accuracy where a task has none) per task."""
+    lines = [
+        "## Evaluation",
+        "",
+        "Normalized accuracy (plain accuracy where a task defines none) on multiple-choice benchmarks.",
+        "",
+        f"| Dataset | Domain | {title} |",
+        "|:--------------------:|:-------:|:-------:|",
+    ]
+    for name, result in benchmarks.items():
+        score = result.get("acc_norm")
+        score = result["acc"] if score is None else score
+        lines.append(f"| {result.get('display_name') or name} | {result.get('domain', '')} | {score:.3f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Curves
+
+
+@dataclass
+class CurvePoints:
+    """(step, value) series: training loss, validation loss and validation accuracy."""
+
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    eval_accuracy: list[tuple[int, float]] = field(default_factory=list)
+
+
+def curve_points(log_history: list[dict[str, Any]], before: dict[str, Any] | None = None) -> CurvePoints:
+    """The series to plot; the evaluation before training, when there was one, is the point at step 0."""
+    points = CurvePoints()
+    entries = ([{**before, "step": 0}] if before else []) + log_history
+    seen_evals: set[int] = set()
+    for entry in entries:
+        step = entry.get("step")
+        if "loss" in entry:
+            points.train_loss.append((step, entry["loss"]))
+        if "eval_loss" in entry and step not in seen_evals:  # the final evaluation repeats the last one
+            seen_evals.add(step)
+            points.eval_loss.append((step, entry["eval_loss"]))
+            if "eval_accuracy" in entry:
+                points.eval_accuracy.append((step, entry["eval_accuracy"]))
+    return points
+
+
+def write_curves(points: CurvePoints, path: Path) -> Path | None:
+    """Loss and accuracy against step, drawn with matplotlib's Agg canvas; None when matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.info("matplotlib is not installed: no %s (pip install 'igea[plots]')", CURVES_FILE)
+        return None
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    _plot(loss_axes, points.train_loss, "training", "o-C0")
+    _plot(loss_axes, points.eval_loss, "validation", "s-C1")
+    _plot(accuracy_axes, points.eval_accuracy, "validation", "s-C1")
+    for axes, name in ((loss_axes, "loss"), (accuracy_axes, "next-token accuracy")):
+        axes.set_xlabel("step")
+        axes.set_ylabel(name)
+        axes.grid(alpha=0.3)
+        if axes.has_data():
+            axes.legend()
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _plot(axes, series: list[tuple[int, float]], label: str, style: str) -> None:
+    if series:
+        steps, values = zip(*series, strict=True)
+        axes.plot(steps, values, style, label=label, markersize=3)
