@@ -88,3 +88,20 @@ def test_block_size_above_model_context_is_refused(tiny_model_dir, corpus_file, 
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, data={"block_size": 4096})
     with pytest.raises(ConfigError, match="data.block_size: 4096 is longer than the model's context"):
         train(cfg)
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, corpus_file, tmp_path):
+    from igea.train import CHECKPOINT_MARKER, NonFiniteLossError, last_complete_checkpoint
+
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file,
+                      training={"learning_rate": 1e30, "max_steps": 40, "save_steps": 1, "warmup_ratio": 0.0,
+                                "max_grad_norm": 0.0, "logging_nan_inf_filter": True})
+    with pytest.raises(NonFiniteLossError, match="training loss became (nan|inf) at step") as err:
+        train(cfg)
+    step = int(str(err.value).split("at step ")[1].split(";")[0])
+    checkpoint = last_complete_checkpoint(cfg.output_dir)
+    assert checkpoint is not None and checkpoint.name == f"checkpoint-{step - 1}"
+    assert (checkpoint / CHECKPOINT_MARKER).is_file()
+    assert not (cfg.output_dir / RUN_MARKER).exists()
+    weights = load_file(checkpoint / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())

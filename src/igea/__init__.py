@@ -5,12 +5,13 @@ __version__ = "0.1.0"
 from igea.config import IgeaConfig, load_config
 from igea.data import PreparedData, prepare_dataset
 from igea.errors import ConfigError, IgeaError
-from igea.generate import Generator, generate
+from igea.generate import Completion, Generator, generate
 from igea.modeling import build_tiny_model, load_model
 from igea.run import run
 from igea.train import RunResult, train
 
 __all__ = [
+    "Completion",
     "ConfigError",
     "Generator",
     "IgeaConfig",

@@ -117,7 +117,11 @@ def add_generate(commands) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--full-text", action="store_true", help="print prompt + continuation")
     parser.add_argument("--stream", action="store_true", help="print text as it is produced")
-    parser.add_argument("--jsonl", action="store_true", help="one JSON object a line: prompt, completion, ...")
+    parser.add_argument("--jsonl", action="store_true",
+                        help="one JSON object a line: prompt, completion, tokens, seconds (of its batch)")
+    parser.add_argument("--truncate-left", action="store_true",
+                        help="drop the oldest prompt tokens that do not fit the model's context")
+    parser.add_argument("--batch-size", type=int, help="prompts generated together (default 16)")
     parser.add_argument("--device")
     parser.add_argument("--dtype")
 

@@ -37,6 +37,8 @@ def base_model_path(cfg: IgeaConfig) -> str:
 
 def load_tokenizer(cfg: IgeaConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of the base model; it must define an EOS token to mark document boundaries."""
+    if cfg.model.tiny is not None:
+        ensure_tiny_model(cfg)
     source = base_model_path(cfg)
     tokenizer = _from_pretrained(AutoTokenizer, source, cfg.model)
     if tokenizer.eos_token_id is None:
@@ -49,8 +51,6 @@ def load_model(cfg: IgeaConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
 
     Builds the tiny model first when `model.tiny` is set and it does not exist yet (that needs the corpus).
     """
-    if cfg.model.tiny is not None:
-        ensure_tiny_model(cfg)
     tokenizer = load_tokenizer(cfg)
     return load_causal_lm(base_model_path(cfg), cfg.model), tokenizer
 

@@ -18,7 +18,7 @@ from igea.config import IgeaConfig
 from igea.data import PreparedData, prepare_dataset
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import IGNORE_INDEX, TokenAccuracy, argmax_logits, perplexity
-from igea.modeling import base_model_path, load_model, model_context_length
+from igea.modeling import base_model_path, load_causal_lm, load_tokenizer, model_context_length
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +62,11 @@ def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> Run
         check_block_size(cfg)  # reads only the model's config: an unreachable hub id fails in seconds
     args = training_arguments(cfg)  # before anything heavy or destructive: a bad recipe fails in a second
     check_output_dir(output_dir, resume=resume, overwrite=overwrite)
-    model, tokenizer = load_model(cfg)
+    tokenizer = load_tokenizer(cfg)  # builds the tiny model first when the config asks for one
     if cfg.model.tiny is not None:
         check_block_size(cfg)
-    data = prepare_dataset(cfg, tokenizer)
+    data = prepare_dataset(cfg, tokenizer)  # before the weights: a corpus problem shows up in seconds
+    model = load_causal_lm(base_model_path(cfg), cfg.model)
     if cfg.data.packing == "documents":
         model.config.use_cache = False  # with a cache, restarting position_ids do not mask across documents
     trainer = build_trainer(cfg, args, model, tokenizer, data)

@@ -1,0 +1,139 @@
+"""The bad-input catalogue: each case is one line on stderr, exit code 2, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from igea.cli import main
+from igea.hub import hub_reachable
+
+
+def config_text(model: str, corpus: str, out: Path, data: str = "", training: str = "") -> str:
+    return (
+        f"model:\n  name_or_path: {model}\n"
+        f"data:\n  path: {corpus}\n  block_size: 64\n  validation_split: 0.1\n{data}"
+        f"training:\n  output_dir: {out}\n  max_steps: 2\n  use_cpu: true\n  disable_tqdm: true\n{training}"
+        "generation:\n  prompts: []\n"
+    )
+
+
+def no_eos_model(tmp: Path, model_dir: Path) -> str:
+    target = tmp / "no-eos"
+    shutil.copytree(model_dir, target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+
+def remote_code_model(tmp: Path) -> str:
+    target = tmp / "remote"
+    target.mkdir()
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
+    (target / "config.json").write_text(json.dumps({"model_type": "igea_custom", "auto_map": auto_map}))
+    for name in ("configuration_x.py", "modeling_x.py"):
+        (target / name).write_text("raise SystemExit('remote code ran')\n")
+    return str(target)
+
+
+def write(tmp: Path, name: str, content: str | bytes) -> str:
+    path = tmp / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+# Each case: (builds the argv from tmp dir, model dir, corpus file) -> expected fragment of the error line.
+Case = Callable[[Path, Path, Path], list[str]]
+
+
+def train_case(**kw) -> Case:
+    def build(tmp: Path, model: Path, corpus: Path) -> list[str]:
+        model_path = kw.get("model", lambda t, m: str(m))(tmp, model)
+        corpus_path = kw.get("corpus", lambda t, c: str(c))(tmp, corpus)
+        text = kw.get("text") or config_text(model_path, corpus_path, tmp / "run", kw.get("data", ""),
+                                              kw.get("training", ""))
+        cfg = write(tmp, "c.yaml", text)
+        setup = kw.get("setup")
+        if setup:
+            setup(tmp)
+        return ["train", cfg, *kw.get("overrides", [])]
+    return build
+
+
+def finished_run(tmp: Path) -> None:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "igea_run.json").write_text("{}")
+
+
+def unfinished_run(tmp: Path) -> None:
+    (tmp / "run" / "checkpoint-5").mkdir(parents=True)
+
+
+CASES: dict[str, tuple[Case, str]] = {
+    "malformed yaml": (train_case(text="model: [unclosed\n"), "is not valid YAML at line"),
+    "config is a list": (train_case(text="- model\n- data\n"), "must be a mapping of sections, got a list"),
+    "unknown key": (train_case(training="  learnig_rate: 1.0\n"), "did you mean 'learning_rate'"),
+    "wrong type": (train_case(training="  per_device_train_batch_size: eight\n"),
+                   "per_device_train_batch_size: expected an integer, got 'eight'"),
+    "negative learning rate": (train_case(training="  learning_rate: -1.0e-4\n"),
+                               "training.learning_rate: -0.0001 is not allowed"),
+    "zero learning rate": (train_case(training="  learning_rate: 0\n"), "training.learning_rate: 0.0 is not allowed"),
+    "warmup ratio out of range": (train_case(training="  warmup_ratio: 2\n"), "warmup_ratio: 2.0 is not allowed"),
+    "override naming no key": (train_case(overrides=["training.not_a_field=3"]), "unknown key 'training.not_a_field'"),
+    "override without value": (train_case(overrides=["training.learning_rate"]), "expected KEY=VALUE"),
+    "block size above context": (train_case(data="  block_size: 4096\n"),
+                                 "data.block_size: 4096 is longer than the model's context (512"),
+    "total batch not divisible": (train_case(training="  total_train_batch_size: 10\n"),
+                                  "total_train_batch_size: 10 is not divisible by"),
+    "missing corpus file": (train_case(corpus=lambda t, c: str(t / "missing.txt")), "no file matches"),
+    "directory without corpus files": (train_case(corpus=lambda t, c: str(t)), "holds no .txt, .jsonl"),
+    "unsupported corpus format": (train_case(corpus=lambda t, c: write(t, "notes.docx", "x")),
+                                  "is not a .txt, .jsonl, .json, .parquet or .csv file"),
+    "empty corpus": (train_case(corpus=lambda t, c: write(t, "empty.txt", "\n \n\n")), "has no documents"),
+    "non-UTF-8 corpus": (train_case(corpus=lambda t, c: write(t, "latin1.txt", "fegato è\n".encode("latin-1"))),
+                         "is not valid UTF-8"),
+    "missing text column": (train_case(corpus=lambda t, c: write(t, "c.jsonl", '{"body": "testo"}\n')),
+                            "column 'text' is not in"),
+    "validation takes every document": (train_case(data="  validation_split: 593\n"), "leaves no training documents"),
+    "unreachable hub model": (train_case(model=lambda t, m: "no-org/no-such-model"),
+                              "cannot load model 'no-org/no-such-model'"),
+    "unreachable hub dataset": (train_case(corpus=lambda t, c: "no-org/no-such-corpus"),
+                                "cannot load dataset 'no-org/no-such-corpus'"),
+    "tokenizer without eos": (train_case(model=no_eos_model), "has no EOS token"),
+    "model needs remote code": (train_case(model=lambda t, m: remote_code_model(t)),
+                                "needs custom code from its repository; set model.trust_remote_code"),
+    "finished run in output dir": (train_case(setup=finished_run), "holds a finished run; pass --overwrite"),
+    "unfinished run without --resume": (train_case(setup=unfinished_run), "pass --resume to continue it"),
+    "config is a directory": (lambda tmp, m, c: ["train", str(tmp)], "is a directory; give the path of a YAML file"),
+    "config file missing": (lambda tmp, m, c: ["train", str(tmp / "nope.yaml")], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path, tiny_model_dir, corpus_file, capsys,
+                                                          monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    build, expected = CASES[name]
+    argv = build(tmp_path, tiny_model_dir, corpus_file)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]  # earlier lines can only be progress bars
+    assert last.startswith("igea: error: ") and expected in last, err
+    assert err.count("igea: error") == 1 and "Traceback" not in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_trust_remote_code_is_off_by_default_and_no_remote_code_runs(tmp_path, corpus_file, capsys):
+    model = remote_code_model(tmp_path)
+    cfg = write(tmp_path, "c.yaml", config_text(model, str(corpus_file), tmp_path / "run"))
+    assert main(["train", cfg]) == 2  # the remote module would SystemExit with another message
+    assert "remote code ran" not in capsys.readouterr().err
