@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
-from igea.metrics import TokenAccuracy, argmax_logits, count_correct, perplexity
+from igea.metrics import NextTokenMetrics, argmax_and_nll, count_correct, perplexity
 
 
 def test_accuracy_scores_prediction_i_against_label_i_plus_1():
@@ -26,18 +26,25 @@ def test_ignored_labels_are_not_counted():
     assert count_correct(predictions, labels) == (3, 4)
 
 
-def test_batched_accumulation_equals_one_call():
+def test_batched_accumulation_equals_one_call_and_a_hand_computation():
     torch.manual_seed(0)
     logits = torch.randn(6, 10, 50)
     labels = torch.randint(0, 50, (6, 10))
     labels[2, 3:] = -100
-    predictions = argmax_logits(logits, labels)
-    whole = TokenAccuracy()(EvalPrediction(predictions=predictions, label_ids=labels))
-    batched = TokenAccuracy()
-    batched(EvalPrediction(predictions=predictions[:4], label_ids=labels[:4]), compute_result=False)
-    last = batched(EvalPrediction(predictions=predictions[4:], label_ids=labels[4:]), compute_result=True)
-    hand = (predictions[:, :-1] == labels[:, 1:])[labels[:, 1:] != -100].float().mean().item()
-    assert whole["accuracy"] == last["accuracy"] == pytest.approx(hand, abs=1e-7)
+    outputs = argmax_and_nll(logits, labels)
+    whole = NextTokenMetrics()(EvalPrediction(predictions=outputs, label_ids=labels))
+    batched = NextTokenMetrics()
+    batched(EvalPrediction(predictions=(outputs[0][:4], outputs[1][:4]), label_ids=labels[:4]), compute_result=False)
+    last = batched(EvalPrediction(predictions=(outputs[0][4:], outputs[1][4:]), label_ids=labels[4:]))
+
+    predictions, targets = logits.argmax(-1)[:, :-1], labels[:, 1:]
+    mask = targets != -100
+    hand_accuracy = (predictions == targets)[mask].float().mean().item()
+    log_probs = logits[:, :-1].log_softmax(-1)
+    hand_loss = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask].mean().item()
+    for result in (whole, last):
+        assert result["accuracy"] == pytest.approx(hand_accuracy, abs=1e-7)
+        assert result["token_loss"] == pytest.approx(hand_loss, abs=1e-5)
 
 
 def test_perplexity():

@@ -90,10 +90,8 @@ def igea_1b_card(tmp_path) -> tuple[str, str]:
     card = seed_card()
     cfg = igea.load_config(ROOT / "configs" / "igea-1b.yaml", [f"training.output_dir={tmp_path / 'run'}"])
     benchmarks = {
-        "medmcqa_ita": {"acc": 0.29, "acc_norm": 0.307, "num_fewshot": 0,
-                        "display_name": "MedMCQA-ITA (0-shot)", "domain": "Biomed"},
-        "mmlu_it": {"acc": 0.255, "acc_norm": None, "num_fewshot": 5, "display_name": "MMLU-IT (5-shot)",
-                    "domain": "General"},
+        "medmcqa_ita": {"acc": 0.29, "acc_norm": 0.307, "num_fewshot": 0, "label": "MedMCQA-ITA", "domain": "Biomed"},
+        "mmlu_it": {"acc": 0.25, "acc_norm": 0.255, "num_fewshot": 5, "label": "MMLU-IT", "domain": "General"},
     }
     metrics = {
         "data": {"train": {"documents": 900, "tokens": 1_000_000, "blocks": 488}},

@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from igea.config import IgeaConfig, load_config
 from igea.data import PreparedData, prepare_dataset
 from igea.errors import ConfigError, IgeaError
+from igea.evaluate import evaluate
 from igea.generate import Completion, Generator, generate
 from igea.modeling import build_tiny_model, load_model
 from igea.run import run
@@ -20,6 +21,7 @@ __all__ = [
     "RunResult",
     "__version__",
     "build_tiny_model",
+    "evaluate",
     "generate",
     "load_config",
     "load_model",

@@ -162,7 +162,7 @@ def add_eval(commands) -> None:
                         help="held-out text: files, globs, directories or a hub dataset id")
     parser.add_argument("--tasks", help="comma-separated: medmcqa_ita, hellaswag_it, arc_it, mmlu_it, "
                                         ".yaml task files or .jsonl/.csv/.parquet question files")
-    parser.add_argument("--compare", metavar="BASE", help="also evaluate BASE on the same data, and the change")
+    parser.add_argument("--compare", metavar="BASE", help="evaluate BASE too, on the same data")
     parser.add_argument("--num-fewshot", type=int, help="examples before each question (default: the task's)")
     parser.add_argument("--limit", type=int, help="score only the first N questions of each task")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -453,6 +453,9 @@ def _check_values(cfg: IgeaConfig) -> None:
         if value is not None and value < 0:
             raise ConfigError(f"{key}: {value!r} is not allowed; it must be >= 0")
     check_generation_values(g, "generation.")
+    from igea.tasks import check_task_names  # igea.tasks builds on this module
+
+    check_task_names(e.tasks)
     if e.batch_size < 1:
         raise ConfigError(f"eval.batch_size: {e.batch_size!r} is not allowed; it must be at least 1")
 

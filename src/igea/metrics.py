@@ -1,20 +1,28 @@
-"""Next-token metrics shared by training and evaluation, defined as transformers' run_clm.py defines them."""
+"""Next-token metrics shared by training and evaluation, defined as transformers' run_clm.py defines them.
+
+Evaluation keeps, per sequence, only the argmax predictions and the summed negative log-likelihood, so it
+never holds a vocabulary of logits per token, and its loss is exactly token-weighted however the blocks were
+batched or spread over processes.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from transformers import EvalPrediction
 
 IGNORE_INDEX = -100
 
 
-def argmax_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Keep only the predicted token ids, so evaluation never holds a whole vocabulary of logits per token."""
+def argmax_and_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`preprocess_logits_for_metrics`: predicted token ids, and each sequence's summed next-token NLL."""
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.argmax(dim=-1)
+    shifted = logits[:, :-1].float().transpose(1, 2)
+    nll = F.cross_entropy(shifted, labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none").sum(dim=-1)
+    return logits.argmax(dim=-1), nll
 
 
 def count_correct(predictions: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -33,23 +41,29 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
-class TokenAccuracy:
-    """`compute_metrics` for the Trainer: next-token accuracy, accumulated batch by batch.
+class NextTokenMetrics:
+    """`compute_metrics` for the Trainer: next-token accuracy and token-weighted loss, accumulated per batch.
 
-    Works with `batch_eval_metrics=True` (counts kept across calls until `compute_result`) and without it
-    (one call with every prediction).
+    Works with `batch_eval_metrics=True` (sums kept across calls until `compute_result`) and without it
+    (one call with everything). Predictions are what `argmax_and_nll` returned.
     """
 
     def __init__(self) -> None:
-        self.correct = 0
-        self.counted = 0
+        self.correct = self.counted = 0
+        self.nll = 0.0
 
     def __call__(self, eval_pred: EvalPrediction, compute_result: bool = True) -> dict[str, float]:
-        correct, counted = count_correct(eval_pred.predictions, eval_pred.label_ids)
+        predictions, nll = eval_pred.predictions
+        correct, counted = count_correct(predictions, eval_pred.label_ids)
         self.correct += correct
         self.counted += counted
+        self.nll += float(torch.as_tensor(nll, dtype=torch.float64).sum())
         if not compute_result:
             return {}
-        accuracy = self.correct / self.counted if self.counted else float("nan")
+        if self.counted == 0:
+            result = {"accuracy": float("nan"), "token_loss": float("nan")}
+        else:
+            result = {"accuracy": self.correct / self.counted, "token_loss": self.nll / self.counted}
         self.correct = self.counted = 0
-        return {"accuracy": accuracy}
+        self.nll = 0.0
+        return result

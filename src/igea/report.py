@@ -20,6 +20,7 @@ from transformers.modelcard import make_markdown_table, parse_log_history
 
 from igea.config import SAMPLE_CORPUS, looks_local
 from igea.errors import IgeaError
+from igea.tasks import markdown_table
 from igea.train import RUN_MARKER
 
 logger = logging.getLogger(__name__)
@@ -344,20 +345,9 @@ def version_lines(versions: dict[str, str]) -> list[str]:
 
 
 def benchmark_section(benchmarks: dict[str, dict[str, Any]], title: str) -> str:
-    """The card's evaluation table: normalized accuracy (plain accuracy where a task has none) per task."""
-    lines = [
-        "## Evaluation",
-        "",
-        "Normalized accuracy (plain accuracy where a task defines none) on multiple-choice benchmarks.",
-        "",
-        f"| Dataset | Domain | {title} |",
-        "|:--------------------:|:-------:|:-------:|",
-    ]
-    for name, result in benchmarks.items():
-        score = result.get("acc_norm")
-        score = result["acc"] if score is None else score
-        lines.append(f"| {result.get('display_name') or name} | {result.get('domain', '')} | {score:.3f} |")
-    return "\n".join(lines)
+    """The card's evaluation table (normalized accuracy per task), as `igea eval` prints it."""
+    intro = "Normalized accuracy (acc_norm, as lm-evaluation-harness computes it) on multiple-choice benchmarks."
+    return "\n".join(["## Evaluation", "", intro, "", markdown_table({title: benchmarks})])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import logging
 
+from accelerate import PartialState
+
 from igea.config import IgeaConfig
+from igea.evaluate import load_for_eval
 from igea.generate import Generator
 from igea.report import write_report
+from igea.tasks import run_tasks
 from igea.train import RunResult, train, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -16,9 +20,13 @@ logger = logging.getLogger(__name__)
 def run(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Continue pretraining as configured, generate one sample per configured prompt, write README.md."""
     result = train(cfg, resume=resume, overwrite=overwrite)
+    if not PartialState().is_main_process:  # one process samples and writes the card
+        return result
     if cfg.generation.prompts:
         result.metrics["samples"] = generate_samples(cfg, result)
-        save_metrics(result)
+    if cfg.eval.tasks:
+        result.metrics["benchmarks"] = run_benchmarks(cfg, result)
+    save_metrics(result)
     write_report(result.output_dir)
     return result
 
@@ -27,6 +35,14 @@ def generate_samples(cfg: IgeaConfig, result: RunResult) -> dict[str, str]:
     """One continuation (with its prompt) per configured prompt, from the trained model."""
     generator = Generator.from_pretrained(str(result.output_dir), config=cfg.generation)
     return {prompt: generator.generate(prompt, full_text=True)[0] for prompt in cfg.generation.prompts}
+
+
+def run_benchmarks(cfg: IgeaConfig, result: RunResult) -> dict[str, dict]:
+    """Score the trained model on the `eval.tasks` benchmarks; per-question predictions go to benchmarks.json."""
+    model, tokenizer = load_for_eval(str(result.output_dir), None)
+    scores = run_tasks(model, tokenizer, cfg.eval.tasks, cfg.eval)
+    write_json_atomic(result.output_dir / "benchmarks.json", scores)
+    return {name: {k: v for k, v in score.items() if k != "predictions"} for name, score in scores.items()}
 
 
 def save_metrics(result: RunResult) -> None:

@@ -17,7 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from igea.config import IgeaConfig
 from igea.data import PreparedData, prepare_dataset
 from igea.errors import ConfigError, IgeaError
-from igea.metrics import IGNORE_INDEX, TokenAccuracy, argmax_logits, perplexity
+from igea.metrics import IGNORE_INDEX, NextTokenMetrics, argmax_and_nll, perplexity
 from igea.modeling import base_model_path, load_causal_lm, load_tokenizer, model_context_length
 
 logger = logging.getLogger(__name__)
@@ -69,11 +69,10 @@ def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> Run
     model = load_causal_lm(base_model_path(cfg), cfg.model)
     if cfg.data.packing == "documents":
         model.config.use_cache = False  # with a cache, restarting position_ids do not mask across documents
-    trainer = build_trainer(cfg, args, model, tokenizer, data)
-
     metrics: dict[str, Any] = {"data": data.stats}
     if not resume:  # a run started afresh never reuses the base-model metrics of an abandoned one
         (output_dir / BEFORE_METRICS).unlink(missing_ok=True)
+    trainer = build_trainer(cfg, args, model, tokenizer, data)
     if data.validation is not None and cfg.eval.before_training:
         metrics["before"] = evaluate_before(trainer, output_dir)
     checkpoint = last_complete_checkpoint(output_dir) if resume else None
@@ -108,6 +107,14 @@ class IgeaTrainer(Trainer):
             )
         return loss
 
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        # The Trainer's own eval loss averages per-batch means, which drifts when the last batch is padded
+        # with repeated blocks to spread it over processes; the token-weighted sum is exact.
+        output = super().evaluation_loop(*args, **kwargs)
+        for key in [k for k in output.metrics if k.endswith("_token_loss")]:
+            output.metrics[key.removesuffix("_token_loss") + "_loss"] = output.metrics.pop(key)
+        return output
+
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank has written its part (RNG states, shards)
@@ -126,8 +133,8 @@ def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, da
         eval_dataset=data.validation,
         data_collator=BlockCollator(),
         processing_class=tokenizer,
-        compute_metrics=TokenAccuracy(),
-        preprocess_logits_for_metrics=argmax_logits,
+        compute_metrics=NextTokenMetrics(),
+        preprocess_logits_for_metrics=argmax_and_nll,
     )
 
 
@@ -137,6 +144,9 @@ def evaluate_before(trainer: Trainer, output_dir: Path) -> dict[str, float]:
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     metrics = evaluate_trainer(trainer)
+    # accelerate marks a model prepared for evaluation as prepared for good, and `train()` would then skip
+    # the DDP wrapper: every rank would train its own copy (accelerate 1.15, transformers 5.24)
+    trainer.model.__dict__.pop("_is_accelerate_prepared", None)
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, metrics)
