@@ -8,6 +8,8 @@ import logging
 import sys
 from collections.abc import Callable
 
+from accelerate import PartialState
+
 import igea
 from igea.errors import IgeaError
 
@@ -73,6 +75,8 @@ def add_train(commands) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = igea.load_config(args.config, args.overrides)
     result = igea.run(cfg, resume=args.resume, overwrite=args.overwrite)
+    if not PartialState().is_main_process:
+        return 0
     summary = {split: {k: v for k, v in result.metrics[split].items() if k in SUMMARY_KEYS}
                for split in ("before", "after") if split in result.metrics}
     print(f"\nrun saved in {result.output_dir}")

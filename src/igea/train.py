@@ -58,9 +58,11 @@ class BlockCollator:
 def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Continue pretraining the base model on the corpus; save weights, tokenizer and metrics in `output_dir`."""
     output_dir = cfg.output_dir
+    check_launch()
     if cfg.model.tiny is None:
         check_block_size(cfg)  # reads only the model's config: an unreachable hub id fails in seconds
     args = training_arguments(cfg)  # before anything heavy or destructive: a bad recipe fails in a second
+    log_layout(args)
     check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     tokenizer = load_tokenizer(cfg)  # builds the tiny model first when the config asks for one
     if cfg.model.tiny is not None:
@@ -195,6 +197,30 @@ def has_validation(cfg: IgeaConfig) -> bool:
 def world_size() -> int:
     """Number of training processes, as torchrun / accelerate launch announce it."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_launch() -> None:
+    """Refuse a launch that asked for several processes but started one.
+
+    `accelerate launch --cpu --num_processes 2` runs a single process (world size 1) and says nothing; it
+    still exports MASTER_ADDR, which a real single-process launch does not.
+    """
+    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise IgeaError(
+            "the launcher asked for several processes but started one (world size 1): "
+            "on CPU use `accelerate launch --multi_gpu --num_processes N` with training.use_cpu: true, "
+            "or `torchrun --nproc_per_node N` with training.ddp_backend: gloo"
+        )
+
+
+def log_layout(args: TrainingArguments) -> None:
+    """Say how the global batch is made, once, on the main process."""
+    if args.process_index == 0:
+        total = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        logger.info(
+            "batch layout: %d per device x %d process(es) x %d accumulation step(s) = %d sequences per step",
+            args.per_device_train_batch_size, args.world_size, args.gradient_accumulation_steps, total,
+        )
 
 
 def accumulation_for(total: int, section: dict[str, Any], processes: int) -> int:

@@ -1,0 +1,63 @@
+"""Two CPU processes (gloo) reproduce one process at the same global batch; a broken launch is refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from igea.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"model:\n  name_or_path: {model_dir}\n"
+        f"data:\n  path: {corpus}\n  block_size: 64\n  validation_split: 0.1\n"
+        f"training:\n  output_dir: {tmp_path / name}\n  max_steps: 12\n  per_device_train_batch_size: 4\n"
+        "  per_device_eval_batch_size: 8\n  total_train_batch_size: 8\n  learning_rate: 1.0e-3\n"
+        "  eval_steps: 6\n  logging_steps: 3\n  save_steps: 12\n  use_cpu: true\n  disable_tqdm: true\n"
+        "generation:\n  prompts: []\n"
+    )
+    return path
+
+
+def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_model_dir, corpus_file, tmp_path):
+    one = write_config(tmp_path, "one", tiny_model_dir, corpus_file)
+    two = write_config(tmp_path, "two", tiny_model_dir, corpus_file)
+    single = subprocess.run([sys.executable, "-m", "igea", "train", str(one)], capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0, single.stderr
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "igea", "train", str(two)]
+    double = subprocess.run(launch, capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    runs = {name: json.loads((tmp_path / name / "igea_run.json").read_text()) for name in ("one", "two")}
+    assert runs["one"]["layout"]["num_devices"] == 1 and runs["one"]["layout"]["gradient_accumulation_steps"] == 2
+    assert runs["two"]["layout"]["num_devices"] == 2 and runs["two"]["layout"]["gradient_accumulation_steps"] == 1
+    assert runs["one"]["layout"]["total_train_batch_size"] == runs["two"]["layout"]["total_train_batch_size"] == 8
+    one_after, two_after = runs["one"]["metrics"]["after"], runs["two"]["metrics"]["after"]
+    assert abs(one_after["eval_loss"] - two_after["eval_loss"]) < 1e-4
+    assert abs(one_after["eval_accuracy"] - two_after["eval_accuracy"]) < 1e-4
+    # every reported training metric is a mean over ranks, not a sum
+    one_train, two_train = runs["one"]["metrics"]["train"], runs["two"]["metrics"]["train"]
+    assert abs(one_train["train_loss"] - two_train["train_loss"]) < 1e-3
+    losses = {name: [e["loss"] for e in json.loads((tmp_path / name / "log_history.json").read_text())
+                     if "loss" in e] for name in ("one", "two")}
+    assert losses["one"] == pytest.approx(losses["two"], abs=1e-3)
+
+
+def test_a_launch_that_silently_started_one_process_is_refused(tiny_model_dir, corpus_file, tmp_path, capsys,
+                                                               monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # what `accelerate launch --cpu --num_processes 2` leaves
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", str(write_config(tmp_path, "bad", tiny_model_dir, corpus_file))]) == 2
+    assert "asked for several processes but started one" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
