@@ -13,6 +13,8 @@ from igea.cli import main
 
 pytestmark = pytest.mark.slow
 
+ACCELERATE = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
 
 def write_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path) -> Path:
     path = tmp_path / f"{name}.yaml"
@@ -33,8 +35,7 @@ def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_model_di
     single = subprocess.run([sys.executable, "-m", "igea", "train", str(one)], capture_output=True, text=True,
                             timeout=600)
     assert single.returncode == 0, single.stderr
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "cpu-2proc.yaml"),
               "-m", "igea", "train", str(two)]
     double = subprocess.run(launch, capture_output=True, text=True, timeout=600)
     assert double.returncode == 0, double.stderr[-3000:]
@@ -61,3 +62,11 @@ def test_a_launch_that_silently_started_one_process_is_refused(tiny_model_dir, c
     assert main(["train", str(write_config(tmp_path, "bad", tiny_model_dir, corpus_file))]) == 2
     assert "asked for several processes but started one" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in ACCELERATE.glob("*.yaml")))
+def test_shipped_accelerate_configs_are_valid(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE / name))
+    assert config.num_processes >= 2 and config.num_processes % config.num_machines == 0
