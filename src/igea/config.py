@@ -442,6 +442,8 @@ def _check_values(cfg: IgeaConfig) -> None:
     for i, s in enumerate(d.sources):
         if s.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight: {s.weight!r} is not allowed; it must be greater than 0")
+    if d.streaming:
+        _check_streaming(d, cfg.training)
     if d.block_size < 2:
         raise ConfigError(f"data.block_size: {d.block_size!r} is not allowed; it must be at least 2")
     vs = d.validation_split
@@ -458,6 +460,21 @@ def _check_values(cfg: IgeaConfig) -> None:
     check_task_names(e.tasks)
     if e.batch_size < 1:
         raise ConfigError(f"eval.batch_size: {e.batch_size!r} is not allowed; it must be at least 1")
+
+
+def _check_streaming(d: DataConfig, training: dict[str, Any]) -> None:
+    """A streamed corpus has no length: the run is sized by steps or tokens, the validation set by a count."""
+    if isinstance(d.validation_split, float) and d.validation_split > 0 and d.validation_path is None:
+        raise ConfigError(
+            f"data.validation_split: {d.validation_split!r} is a fraction, which a streamed corpus cannot take; "
+            "give a count of documents (e.g. 500), 0, or data.validation_path"
+        )
+    has_steps = training.get("max_steps", -1) > 0
+    if has_steps == (d.token_budget is not None):
+        raise ConfigError(
+            "data.streaming: size the run with exactly one of training.max_steps and data.token_budget "
+            "(a streamed corpus has no length)"
+        )
 
 
 def check_generation_values(g: GenerationConfig, prefix: str = "") -> None:

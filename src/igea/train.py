@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from igea.config import IgeaConfig
-from igea.data import PreparedData, prepare_dataset
+from igea.data import PreparedData, prepare_dataset, source_label
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import IGNORE_INDEX, NextTokenMetrics, argmax_and_nll, perplexity
 from igea.modeling import base_model_path, load_causal_lm, load_tokenizer, model_context_length
@@ -52,6 +53,8 @@ class BlockCollator:
             position_ids = torch.tensor([e["position_ids"] for e in examples], dtype=torch.long)
             batch["position_ids"] = position_ids
             batch["labels"][position_ids == 0] = IGNORE_INDEX
+        if "source" in examples[0]:  # mixed corpora: which source each block came from (counted, not modelled)
+            batch["source"] = torch.tensor([e["source"] for e in examples], dtype=torch.long)
         return batch
 
 
@@ -84,6 +87,9 @@ def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> Run
         logger.info("resuming from %s", checkpoint)
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics["train"] = train_output.metrics
+    if trainer.sources:
+        metrics["data"]["tokens_seen"] = trainer.tokens_seen_per_source()
+        logger.info("training tokens per source: %s", metrics["data"]["tokens_seen"])
     if data.validation is not None:
         metrics["after"] = evaluate_trainer(trainer)
     save_run(trainer, cfg, metrics)
@@ -95,11 +101,18 @@ class IgeaTrainer(Trainer):
     checkpoint, and every checkpoint gets a completion marker once all of it is on disk.
     """
 
-    def __init__(self, *args: Any, stop_on_nonfinite_loss: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stop_on_nonfinite_loss: bool = True, sources: list[str] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
+        self.sources = sources or []
+        self.source_tokens = torch.zeros(len(self.sources), dtype=torch.long)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        source = inputs.pop("source", None)
+        if source is not None:
+            blocks = torch.bincount(source.cpu(), minlength=len(self.sources))
+            self.source_tokens += blocks * inputs["input_ids"].shape[1]
         loss = super().training_step(model, inputs, num_items_in_batch)
         # the Trainer itself reads the loss every step (logging_nan_inf_filter), so this adds no device sync
         if self.stop_on_nonfinite_loss and not torch.isfinite(loss).all():
@@ -108,6 +121,13 @@ class IgeaTrainer(Trainer):
                 "is kept (lower training.learning_rate or check the data, then --resume)"
             )
         return loss
+
+    def tokens_seen_per_source(self) -> dict[str, int]:
+        """Training tokens each mixed source supplied so far, summed over processes."""
+        if not self.sources:
+            return {}
+        total = self.accelerator.reduce(self.source_tokens.to(self.accelerator.device), reduction="sum")
+        return {name: int(n) for name, n in zip(self.sources, total.tolist(), strict=True)}
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         # The Trainer's own eval loss averages per-batch means, which drifts when the last batch is padded
@@ -129,6 +149,7 @@ def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, da
     """igea's Trainer over the packed blocks, with next-token accuracy as its metric."""
     return IgeaTrainer(
         stop_on_nonfinite_loss=cfg.training.get("stop_on_nonfinite_loss", True),
+        sources=[source_label(s) for s in cfg.data.sources] if len(cfg.data.sources) > 1 else None,
         model=model,
         args=args,
         train_dataset=data.train,
@@ -180,9 +201,12 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
     section.pop("stop_on_nonfinite_loss", None)
     if total is not None:
         section["gradient_accumulation_steps"] = accumulation_for(total, section, world_size())
+    if cfg.data.token_budget is not None:
+        section["max_steps"] = steps_for_budget(cfg.data.token_budget, cfg.data.block_size, section)
     if not has_validation(cfg):
         section["eval_strategy"] = "no"
     section.setdefault("batch_eval_metrics", True)
+    section.setdefault("remove_unused_columns", False)  # the collator picks its columns (and counts `source`)
     section.setdefault("save_only_model", False)
     try:
         return TrainingArguments(**section)
@@ -233,6 +257,13 @@ def accumulation_for(total: int, section: dict[str, Any], processes: int) -> int
             f"({per_device}) x processes ({processes}) = {per_step}"
         )
     return total // per_step
+
+
+def steps_for_budget(tokens: int, block_size: int, section: dict[str, Any]) -> int:
+    """Optimizer steps that train on (at least) `tokens` tokens with this batch layout."""
+    per_step = (block_size * section.get("per_device_train_batch_size", 8) * world_size()
+                * section.get("gradient_accumulation_steps", 1))
+    return max(1, math.ceil(tokens / per_step))
 
 
 def check_block_size(cfg: IgeaConfig) -> None:
