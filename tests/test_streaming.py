@@ -120,3 +120,15 @@ def test_source_weights_must_be_positive(tiny_model_dir, corpus_file, tmp_path):
 def test_collator_counts_sources_but_never_feeds_them_to_the_model():
     batch = train_module.BlockCollator()([{"input_ids": [1, 2, 3], "source": 1}, {"input_ids": [4, 5, 6], "source": 0}])
     assert batch["source"].tolist() == [1, 0] and torch.equal(batch["labels"], batch["input_ids"])
+
+
+@pytest.mark.slow
+def test_streaming_memory_benchmark_runs_in_its_quick_form():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_streaming_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ratio 10x / 1x:" in done.stdout
