@@ -369,7 +369,8 @@ def tokenize_corpus(documents, tokenizer: PreTrainedTokenizerBase, d: DataConfig
     eos = tokenizer.eos_token_id
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        ids = tokenizer(batch["text"], add_special_tokens=not add_eos)["input_ids"]
+        ids = tokenizer(batch["text"], add_special_tokens=not add_eos, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
         return {"input_ids": [x + [eos] for x in ids] if add_eos else ids}
 
     features = Features({"input_ids": List(Value("int32"))})
@@ -459,11 +460,11 @@ def _cut_blocks(batches, block_size: int, with_positions: bool):
         full = len(carry_ids) // block_size
         for b in range(full):
             row = slice(b * block_size, (b + 1) * block_size)
-            example = {"input_ids": carry_ids[row]}
+            example = {"input_ids": carry_ids[row].tolist()}  # datasets writes lists ~2x faster than arrays
             if with_positions:
                 block_start = offset + b * block_size
                 index = np.arange(block_start, block_start + block_size)
-                example["position_ids"] = (index - np.maximum(carry_starts[row], block_start)).astype(np.int32)
+                example["position_ids"] = (index - np.maximum(carry_starts[row], block_start)).tolist()
             yield example
         used = full * block_size
         carry_ids = carry_ids[used:]

@@ -1,0 +1,64 @@
+"""The benchmark scripts in their short forms, so they keep running; their correctness checks must hold.
+
+Speed is not asserted here (CI machines are shared and noisy); the scripts measure ratios, BENCHMARKS.md
+records them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "train.jsonl").is_file(),
+                                       reason=f"{SHARED_DATA} is not available")
+
+
+def run_bench(script: str, *args: str) -> list[dict]:
+    """Run bench/<script> with `args`; the JSON objects it printed, one a line."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"')]
+
+
+@needs_shared_data
+def test_pipeline_benchmark_yields_the_same_stream_without_padding():
+    [result] = run_bench("bench_pipeline.py", "--quick")
+
+    assert result["same_stream"] and result["igea_blocks_exact"] and result["run_clm_blocks_exact"]
+    assert result["padding_tokens"] == 0
+    assert 0 <= result["igea_dropped"] < result["block_size"]
+    assert result["igea_dropped"] <= result["run_clm_dropped"]
+    assert result["run_clm_tokens_per_s"] > 0 and result["igea_tokens_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["run_clm_s"] / result["igea_s"], rel=1e-2)
+
+
+@needs_shared_data
+def test_train_benchmark_trains_both_trainers_on_the_same_batches():
+    [result] = run_bench("bench_train.py", "--quick")
+
+    assert result["first_loss_plain"] == result["first_loss_igea"]
+    assert result["plain_tokens_per_s"] > 0 and result["igea_tokens_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["igea_tokens_per_s"] / result["plain_tokens_per_s"], rel=1e-2)
+
+
+def test_gpu_benchmark_smoke_test_runs_every_default_variant_on_cpu():
+    results = {r["variant"]: r for r in run_bench("gpu_throughput.py", "--tiny")}
+
+    assert set(results) == {"plain", "igea", "igea_documents"}
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in results.values())
+    assert results["plain"]["bf16_autocast"] is False  # TrainingArguments' default
+    assert results["igea"]["bf16_autocast"] is True  # configs/igea-1b.yaml's recipe
+    assert results["igea_documents"]["packing"] == "documents"
+    assert results["plain"]["params"] == results["igea"]["params"]
