@@ -110,6 +110,11 @@ CASES: dict[str, tuple[Case, str]] = {
                                 "needs custom code from its repository; set model.trust_remote_code"),
     "finished run in output dir": (train_case(setup=finished_run), "holds a finished run; pass --overwrite"),
     "unfinished run without --resume": (train_case(setup=unfinished_run), "pass --resume to continue it"),
+    "unknown task name": (lambda tmp, m, c: ["eval", str(m), "--tasks", "medmcqa_itaa"],
+                          "unknown task 'medmcqa_itaa'; known tasks: "),
+    "task answer out of range": (lambda tmp, m, c: ["eval", str(m), "--tasks", write(
+        tmp, "mc.jsonl", '{"question": "Il fegato è", "choices": ["un organo", "un osso"], "answer": 5}\n')],
+        "answer 5 is out of range: there are 2 choices"),
     "config is a directory": (lambda tmp, m, c: ["train", str(tmp)], "is a directory; give the path of a YAML file"),
     "config file missing": (lambda tmp, m, c: ["train", str(tmp / "nope.yaml")], "does not exist"),
 }

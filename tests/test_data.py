@@ -138,3 +138,24 @@ def _write(tmp_path, docs):
     path = tmp_path / "docs.txt"
     path.write_text("\n".join(docs) + "\n", encoding="utf-8")
     return path
+
+
+def test_cache_is_reused_for_the_same_settings_and_never_for_changed_ones(tiny_model_dir, corpus_file, tmp_path):
+    """Packed blocks are cached on disk keyed by tokenizer, block size and cleaning: a change never reuses them."""
+    from igea.config import TinyModelConfig
+    from igea.modeling import build_tiny_model
+
+    def cache_files(**data) -> set[str]:
+        cfg = make_config(tmp_path, tiny_model_dir, corpus_file, data={"cache_dir": str(tmp_path / "cache"), **data})
+        return {f["filename"] for f in prepare_dataset(cfg).train.cache_files}
+
+    first = cache_files()
+    assert first and cache_files() == first  # same settings: the same files, reused
+    assert cache_files(block_size=32).isdisjoint(first)
+    assert cache_files(min_chars=200).isdisjoint(first)
+    assert cache_files(document_boundary="special_tokens").isdisjoint(first)
+
+    texts = corpus_file.read_text(encoding="utf-8").splitlines()
+    other = build_tiny_model(texts, TinyModelConfig(vocab_size=300, max_position_embeddings=512), tmp_path / "other")
+    cfg = make_config(tmp_path, other, corpus_file, data={"cache_dir": str(tmp_path / "cache")})
+    assert {f["filename"] for f in prepare_dataset(cfg).train.cache_files}.isdisjoint(first)
