@@ -241,7 +241,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def config_from_dict(raw: dict[str, Any]) -> IgeaConfig:
     """Build and validate an `IgeaConfig` from a plain dict (a parsed YAML file)."""
-    cfg = _build(IgeaConfig, raw, "")
+    cfg = build_section(IgeaConfig, raw, "")
     cfg.training = _validate_training(cfg.training)
     _check_values(cfg)
     return cfg
@@ -251,7 +251,8 @@ def config_from_dict(raw: dict[str, Any]) -> IgeaConfig:
 # Generic dataclass builder with type checks
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def build_section(cls: type, raw: Any, prefix: str) -> Any:
+    """The dataclass `cls` from a mapping, every value type-checked; errors name `prefix` + the key."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -304,7 +305,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{key}.")
+        return build_section(hint, value, f"{key}.")
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         allowed = [m.value for m in hint]
         if isinstance(value, hint):

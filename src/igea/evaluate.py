@@ -24,7 +24,7 @@ from igea.config import DataConfig, EvalConfig, ModelConfig
 from igea.data import clean_corpus, load_corpus, pack_blocks, tokenize_corpus
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import IGNORE_INDEX, count_correct, perplexity
-from igea.modeling import DTYPES, _from_pretrained, load_causal_lm
+from igea.modeling import DTYPES, from_pretrained_or_explain, load_causal_lm
 from igea.tasks import check_task_names, context_length, load_task, markdown_table, run_tasks
 from igea.train import RUN_MARKER, BlockCollator, write_json_atomic
 
@@ -128,7 +128,7 @@ def load_for_eval(
     model_cfg = ModelConfig(name_or_path=str(source), dtype=dtype or "auto")
     if model_cfg.dtype not in ("auto", *DTYPES):
         raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of auto, {', '.join(DTYPES)}")
-    tok = tokenizer or _from_pretrained(AutoTokenizer, str(source), model_cfg)
+    tok = tokenizer or from_pretrained_or_explain(AutoTokenizer, str(source), model_cfg)
     model = load_causal_lm(str(source), model_cfg)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tok

@@ -29,9 +29,9 @@ from transformers import (
     set_seed,
 )
 
-from igea.config import GenerationConfig, ModelConfig, _build, check_generation_values
+from igea.config import GenerationConfig, ModelConfig, build_section, check_generation_values
 from igea.errors import ConfigError, IgeaError
-from igea.modeling import DTYPES, _from_pretrained
+from igea.modeling import DTYPES, from_pretrained_or_explain
 from igea.train import RUN_MARKER
 
 DEFAULT_BATCH_SIZE = 16
@@ -82,8 +82,8 @@ class Generator:
         if dtype not in ("auto", *DTYPES):
             raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of auto, {', '.join(DTYPES)}")
         model_cfg = ModelConfig(name_or_path=path, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = _from_pretrained(AutoTokenizer, path, model_cfg)
-        model = _from_pretrained(AutoModelForCausalLM, path, model_cfg, dtype=DTYPES.get(dtype, "auto"))
+        tokenizer = from_pretrained_or_explain(AutoTokenizer, path, model_cfg)
+        model = from_pretrained_or_explain(AutoModelForCausalLM, path, model_cfg, dtype=DTYPES.get(dtype, "auto"))
         return cls(_to_device(model, device), tokenizer, config or run_generation_config(path))
 
     @property
@@ -246,7 +246,7 @@ class _Cancel(StoppingCriteria):
 
 def with_overrides(config: GenerationConfig, **overrides: Any) -> GenerationConfig:
     """`config` with some parameters replaced, each checked for type and range."""
-    settings = _build(GenerationConfig, {**dataclasses.asdict(config), **overrides}, "")
+    settings = build_section(GenerationConfig, {**dataclasses.asdict(config), **overrides}, "")
     check_generation_values(settings)
     return settings
 
@@ -272,7 +272,7 @@ def run_generation_config(path: str) -> GenerationConfig | None:
     if not marker.is_file():
         return None
     section = json.loads(marker.read_text(encoding="utf-8")).get("config", {}).get("generation", {})
-    return _build(GenerationConfig, section, "generation.")
+    return build_section(GenerationConfig, section, "generation.")
 
 
 def _to_device(model: PreTrainedModel, device: str | None) -> PreTrainedModel:

@@ -40,7 +40,7 @@ def load_tokenizer(cfg: IgeaConfig) -> PreTrainedTokenizerBase:
     if cfg.model.tiny is not None:
         ensure_tiny_model(cfg)
     source = base_model_path(cfg)
-    tokenizer = _from_pretrained(AutoTokenizer, source, cfg.model)
+    tokenizer = from_pretrained_or_explain(AutoTokenizer, source, cfg.model)
     if tokenizer.eos_token_id is None:
         raise IgeaError(f"tokenizer of '{source}' has no EOS token; igea needs one to separate documents")
     return tokenizer
@@ -60,7 +60,7 @@ def load_causal_lm(source: str, model_cfg: ModelConfig) -> PreTrainedModel:
     kwargs: dict = {"dtype": DTYPES.get(model_cfg.dtype, "auto")}
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    model = _from_pretrained(AutoModelForCausalLM, source, model_cfg, **kwargs)
+    model = from_pretrained_or_explain(AutoModelForCausalLM, source, model_cfg, **kwargs)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -68,11 +68,11 @@ def load_causal_lm(source: str, model_cfg: ModelConfig) -> PreTrainedModel:
 
 def model_context_length(source: str, model_cfg: ModelConfig) -> int | None:
     """The longest sequence the model's positions allow, read from its config alone (no weights)."""
-    config = _from_pretrained(AutoConfig, source, model_cfg)
+    config = from_pretrained_or_explain(AutoConfig, source, model_cfg)
     return getattr(config, "max_position_embeddings", None)
 
 
-def _from_pretrained(loader, source: str, model_cfg: ModelConfig, **kwargs):
+def from_pretrained_or_explain(loader, source: str, model_cfg: ModelConfig, **kwargs):
     """Call `loader.from_pretrained` and turn hub, network and remote-code failures into one clear line.
 
     When the hub is unreachable, a hub id is looked up in the local cache only (no retries).

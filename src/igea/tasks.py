@@ -28,7 +28,7 @@ import yaml
 from datasets import Dataset, load_dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from igea.config import EvalConfig, _build
+from igea.config import EvalConfig, build_section
 from igea.data import file_format
 from igea.errors import ConfigError, IgeaError
 
@@ -202,7 +202,7 @@ def local_task_spec(path: str | Path) -> LocalTaskSpec:
     if not isinstance(raw, dict) or "path" not in raw:
         raise ConfigError(f"task file '{path}': must be a mapping with at least 'path' (the questions' file)")
     try:
-        spec = _build(LocalTaskSpec, raw, "")
+        spec = build_section(LocalTaskSpec, raw, "")
     except ConfigError as err:
         raise ConfigError(f"task file '{path}': {err}") from None
     spec.name = spec.name or path.stem
