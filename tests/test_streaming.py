@@ -17,6 +17,23 @@ from conftest import make_config
 train_module = importlib.import_module("igea.train")
 
 
+class Interrupted(Exception):
+    """Stands for a crash right after a checkpoint was written."""
+
+
+def train_until_first_checkpoint(cfg, monkeypatch) -> None:
+    original = train_module.IgeaTrainer._save_checkpoint
+
+    def save_then_die(self, model, trial):
+        original(self, model, trial)
+        raise Interrupted
+
+    monkeypatch.setattr(train_module.IgeaTrainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        train_module.train(cfg)
+    monkeypatch.setattr(train_module.IgeaTrainer, "_save_checkpoint", original)
+
+
 def streaming_config(tmp_path, model_dir, corpus, **training):
     return make_config(
         tmp_path, model_dir, corpus,
@@ -61,21 +78,9 @@ def test_streaming_resume_continues_where_the_stream_stopped(tiny_model_dir, cor
     whole = train_module.train(streaming_config(tmp_path / "whole", tiny_model_dir, corpus_file))
     uninterrupted, seen[:] = list(seen), []
 
-    class Stop(Exception):
-        pass
-
-    original_save = train_module.IgeaTrainer._save_checkpoint
-
-    def save_then_die(self, model, trial):
-        original_save(self, model, trial)
-        raise Stop
-
     cfg = streaming_config(tmp_path / "cut", tiny_model_dir, corpus_file)
-    monkeypatch.setattr(train_module.IgeaTrainer, "_save_checkpoint", save_then_die)
-    with pytest.raises(Stop):
-        train_module.train(cfg)
+    train_until_first_checkpoint(cfg, monkeypatch)
     first_part, seen[:] = list(seen), []
-    monkeypatch.setattr(train_module.IgeaTrainer, "_save_checkpoint", original_save)
     resumed = train_module.train(cfg, resume=True)
 
     assert len(first_part) == len(seen) == len(uninterrupted) // 2
@@ -132,3 +137,13 @@ def test_streaming_memory_benchmark_runs_in_its_quick_form():
     done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ratio 10x / 1x:" in done.stdout
+
+
+def test_tokens_seen_per_source_survive_a_resume(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    data = {"sources": two_sources(corpus_file, (0.5, 0.5)), "path": None, "validation_split": 0.05}
+    steps = {"max_steps": 6, "save_steps": 3}
+    whole = train_module.train(make_config(tmp_path / "whole", tiny_model_dir, corpus_file, data=data, training=steps))
+    cfg = make_config(tmp_path / "cut", tiny_model_dir, corpus_file, data=data, training=steps)
+    train_until_first_checkpoint(cfg, monkeypatch)
+    resumed = train_module.train(cfg, resume=True)
+    assert resumed.metrics["data"]["tokens_seen"] == whole.metrics["data"]["tokens_seen"]

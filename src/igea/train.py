@@ -85,6 +85,7 @@ def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> Run
         logger.warning("--resume: no complete checkpoint in %s, starting from the beginning", output_dir)
     elif checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
+        trainer.restore_tokens_seen(checkpoint)
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics["train"] = train_output.metrics
     if trainer.sources:
@@ -140,9 +141,16 @@ class IgeaTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank has written its part (RNG states, shards)
+        seen = self.tokens_seen_per_source()  # a collective: every rank takes part
         if self.is_world_process_zero():
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            write_json_atomic(folder / CHECKPOINT_MARKER, {"global_step": self.state.global_step})
+            write_json_atomic(folder / CHECKPOINT_MARKER, {"global_step": self.state.global_step, "tokens_seen": seen})
+
+    def restore_tokens_seen(self, checkpoint: Path) -> None:
+        """Carry the per-source token counts of a checkpoint into a resumed run (held by the main process)."""
+        seen = json.loads((checkpoint / CHECKPOINT_MARKER).read_text(encoding="utf-8")).get("tokens_seen") or {}
+        if self.sources and self.is_world_process_zero():
+            self.source_tokens = torch.tensor([seen.get(name, 0) for name in self.sources], dtype=torch.long)
 
 
 def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, data: PreparedData) -> Trainer:
