@@ -147,3 +147,14 @@ def test_tokens_seen_per_source_survive_a_resume(tiny_model_dir, corpus_file, tm
     train_until_first_checkpoint(cfg, monkeypatch)
     resumed = train_module.train(cfg, resume=True)
     assert resumed.metrics["data"]["tokens_seen"] == whole.metrics["data"]["tokens_seen"]
+
+
+def test_streamed_blocks_are_reshuffled_every_epoch(tiny_model_dir, corpus_file, tmp_path):
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file,
+                      data={"streaming": True, "validation_split": 0, "shuffle_buffer": 50, "block_size": 32},
+                      training={"max_steps": 5})
+    train = prepare_dataset(cfg).train
+    first = [row["input_ids"] for _, row in zip(range(40), train, strict=False)]
+    assert [row["input_ids"] for _, row in zip(range(40), train, strict=False)] == first  # same epoch, same order
+    train.set_epoch(1)
+    assert [row["input_ids"] for _, row in zip(range(40), train, strict=False)] != first

@@ -415,18 +415,20 @@ def pack_blocks(
 
 def stream_blocks(parts: list[IterableDataset], sources: list[SourceConfig], tokenizer: PreTrainedTokenizerBase,
                   d: DataConfig, seed: int) -> IterableDataset:
-    """Blocks made on the fly from streamed documents (shuffled in a buffer), mixed by weight across sources.
+    """Blocks made on the fly from streamed documents, shuffled in a buffer, mixed by weight across sources.
 
-    Memory stays flat whatever the corpus size: one shuffle buffer and one unfinished block per source.
+    Blocks (the training examples) are shuffled, as a sampler shuffles map-style blocks; `datasets` reseeds
+    the buffer every epoch. Memory stays flat whatever the corpus size: one shuffle buffer and one
+    unfinished block per source.
     """
     streams = []
     for part in parts:
-        documents = part.shuffle(seed=seed, buffer_size=d.shuffle_buffer) if d.shuffle_buffer > 1 else part
-        tokens = tokenize_corpus(documents, tokenizer, d)
-        streams.append(IterableDataset.from_generator(
+        tokens = tokenize_corpus(part, tokenizer, d)
+        blocks = IterableDataset.from_generator(
             _generate_stream_blocks, features=block_features(d.packing),
             gen_kwargs={"tokens": tokens, "block_size": d.block_size, "with_positions": d.packing == "documents"},
-        ))
+        )
+        streams.append(blocks.shuffle(seed=seed, buffer_size=d.shuffle_buffer) if d.shuffle_buffer > 1 else blocks)
     return mix_blocks(streams, sources, seed)
 
 
