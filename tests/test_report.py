@@ -98,6 +98,7 @@ def igea_1b_card(tmp_path) -> tuple[str, str]:
         "before": {"eval_loss": 2.01234, "eval_accuracy": 0.55556},
         "after": {"eval_loss": 1.69761, "eval_accuracy": 0.60109, "eval_perplexity": 5.46},
         "benchmarks": benchmarks,
+        "samples": {"Il fegato è ": "Il fegato è una ghiandola\ndel corpo."},
     }
     run_dir = fake_run(tmp_path / "run", cfg, CARD_LAYOUT, metrics, card_history(card))
     return card, write_report(run_dir).read_text(encoding="utf-8")
@@ -276,3 +277,9 @@ def test_card_of_a_real_tiny_run(tmp_path, tiny_model_dir, corpus_file):
     with contextlib.redirect_stdout(out):
         exec(snippet, {})
     assert out.getvalue().startswith("Il fegato è ")
+
+
+def test_how_to_use_shows_the_sample_generated_at_the_end(igea_1b_card):
+    _, ours = igea_1b_card
+    snippet = ours.split("## How to use")[1].split("```")[1]
+    assert '# Output (sampled at the end of the run):\n# "Il fegato è una ghiandola del corpo."' in snippet

@@ -216,8 +216,17 @@ def how_to_use(run: RunRecord) -> str:
         f"pipeline = transformers.pipeline(\"text-generation\", model={model}, dtype=\"auto\")\n"
         f"output = pipeline({_literal(prompt)}, max_new_tokens={max_new_tokens})\n"
         "print(output[0][\"generated_text\"])\n"
+        f"{sample_comment(run.metrics.get('samples') or {}, prompt)}"
         "```"
     )
+
+
+def sample_comment(samples: dict[str, str], prompt: str) -> str:
+    """`# Output:` lines with the sample the run generated for `prompt` at its end (as the seed card shows)."""
+    if prompt not in samples:
+        return ""
+    text = " ".join(samples[prompt].split())
+    return f"# Output (sampled at the end of the run):\n# {_literal(text)}\n"
 
 
 def _literal(text: str) -> str:
