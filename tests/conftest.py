@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 import igea
 from igea.config import TinyModelConfig, config_from_dict
@@ -51,13 +52,13 @@ def tiny_model_dir(tmp_path_factory, corpus_file) -> Path:
     return igea.build_tiny_model(texts, shape, out)
 
 
-def make_config(tmp_path: Path, model_dir: Path, corpus: Path, **sections) -> igea.IgeaConfig:
-    """A small, fast run config: block 64, a few steps on CPU. Keyword args update whole sections."""
+def config_dict(output_dir: Path, model_dir: Path, corpus: Path, **sections) -> dict:
+    """A small, fast run as a plain config dict: block 64, a few steps on CPU. Keyword args update sections."""
     raw = {
         "model": {"name_or_path": str(model_dir)},
         "data": {"path": str(corpus), "block_size": 64, "validation_split": 0.1},
         "training": {
-            "output_dir": str(tmp_path / "run"), "learning_rate": 1e-3, "per_device_train_batch_size": 4,
+            "output_dir": str(output_dir), "learning_rate": 1e-3, "per_device_train_batch_size": 4,
             "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 20,
             "eval_steps": 10, "logging_steps": 5, "save_steps": 10, "use_cpu": True, "disable_tqdm": True,
         },
@@ -66,4 +67,17 @@ def make_config(tmp_path: Path, model_dir: Path, corpus: Path, **sections) -> ig
     }
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values}
-    return config_from_dict(raw)
+    return raw
+
+
+def make_config(tmp_path: Path, model_dir: Path, corpus: Path, **sections) -> igea.IgeaConfig:
+    """`config_dict` validated into an IgeaConfig, running into `tmp_path / "run"`."""
+    return config_from_dict(config_dict(tmp_path / "run", model_dir, corpus, **sections))
+
+
+def write_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path, **training) -> Path:
+    """`config_dict` as a YAML file `tmp_path/NAME.yaml` running into `tmp_path/NAME` (for the CLI)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config_dict(tmp_path / name, model_dir, corpus, training=training)),
+                    encoding="utf-8")
+    return path

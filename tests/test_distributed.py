@@ -11,27 +11,21 @@ import pytest
 
 from igea.cli import main
 
+from conftest import write_config
+
 pytestmark = pytest.mark.slow
 
 ACCELERATE = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
-def write_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(
-        f"model:\n  name_or_path: {model_dir}\n"
-        f"data:\n  path: {corpus}\n  block_size: 64\n  validation_split: 0.1\n"
-        f"training:\n  output_dir: {tmp_path / name}\n  max_steps: 12\n  per_device_train_batch_size: 4\n"
-        "  per_device_eval_batch_size: 8\n  total_train_batch_size: 8\n  learning_rate: 1.0e-3\n"
-        "  eval_steps: 6\n  logging_steps: 3\n  save_steps: 12\n  use_cpu: true\n  disable_tqdm: true\n"
-        "generation:\n  prompts: []\n"
-    )
-    return path
+def two_process_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path) -> Path:
+    return write_config(tmp_path, name, model_dir, corpus, max_steps=12, total_train_batch_size=8, eval_steps=6,
+                        logging_steps=3, save_steps=12)
 
 
 def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_model_dir, corpus_file, tmp_path):
-    one = write_config(tmp_path, "one", tiny_model_dir, corpus_file)
-    two = write_config(tmp_path, "two", tiny_model_dir, corpus_file)
+    one = two_process_config(tmp_path, "one", tiny_model_dir, corpus_file)
+    two = two_process_config(tmp_path, "two", tiny_model_dir, corpus_file)
     single = subprocess.run([sys.executable, "-m", "igea", "train", str(one)], capture_output=True, text=True,
                             timeout=600)
     assert single.returncode == 0, single.stderr
@@ -59,7 +53,7 @@ def test_a_launch_that_silently_started_one_process_is_refused(tiny_model_dir, c
                                                                monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # what `accelerate launch --cpu --num_processes 2` leaves
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main(["train", str(write_config(tmp_path, "bad", tiny_model_dir, corpus_file))]) == 2
+    assert main(["train", str(two_process_config(tmp_path, "bad", tiny_model_dir, corpus_file))]) == 2
     assert "asked for several processes but started one" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 

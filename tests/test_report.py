@@ -22,7 +22,7 @@ from igea.report import (
     hyperparameter_lines,
     write_report,
 )
-from igea.train import RUN_MARKER
+from igea.rundir import RUN_MARKER
 
 from conftest import make_config
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from igea.train import CHECKPOINT_MARKER, RUN_MARKER
+from igea.rundir import CHECKPOINT_MARKER, RUN_MARKER
+
+from conftest import write_config
 
 pytestmark = pytest.mark.slow
 
@@ -47,17 +49,9 @@ sys.exit(main(sys.argv[4:]))
 """
 
 
-def write_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(
-        f"model:\n  name_or_path: {model_dir}\n"
-        f"data:\n  path: {corpus}\n  block_size: 64\n  validation_split: 0.1\n"
-        f"training:\n  output_dir: {tmp_path / name}\n  max_steps: 30\n  per_device_train_batch_size: 4\n"
-        "  learning_rate: 1.0e-3\n  warmup_ratio: 0.1\n  save_steps: 10\n  eval_steps: 30\n  logging_steps: 5\n"
-        "  use_cpu: true\n  disable_tqdm: true\n  seed: 7\n"
-        "generation:\n  prompts: []\n"
-    )
-    return path
+def resume_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path) -> Path:
+    return write_config(tmp_path, name, model_dir, corpus, max_steps=30, gradient_accumulation_steps=2,
+                        warmup_ratio=0.1, save_steps=10, eval_steps=30, logging_steps=5, seed=7)
 
 
 def igea(*args: str) -> subprocess.CompletedProcess:
@@ -82,7 +76,7 @@ def run_until_hang_then_kill(tmp_path: Path, config: Path, step: int, where: str
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, corpus_file, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    done = igea("train", str(write_config(tmp, "run", tiny_model_dir, corpus_file)))
+    done = igea("train", str(resume_config(tmp, "run", tiny_model_dir, corpus_file)))
     assert done.returncode == 0, done.stderr
     return tmp / "run"
 
@@ -95,7 +89,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(uninterrupted, tiny_model_dir, corpus_file, tmp_path):
-    config = write_config(tmp_path, "killed", tiny_model_dir, corpus_file)
+    config = resume_config(tmp_path, "killed", tiny_model_dir, corpus_file)
     run_until_hang_then_kill(tmp_path, config, step=10, where="after_checkpoint")
     out = tmp_path / "killed"
     assert (out / "checkpoint-10" / CHECKPOINT_MARKER).is_file() and not (out / RUN_MARKER).exists()
@@ -111,7 +105,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(uninterrupted, tiny
 
 def test_kill_inside_a_checkpoint_resumes_from_the_previous_one(uninterrupted, tiny_model_dir, corpus_file,
                                                                tmp_path):
-    config = write_config(tmp_path, "partial", tiny_model_dir, corpus_file)
+    config = resume_config(tmp_path, "partial", tiny_model_dir, corpus_file)
     run_until_hang_then_kill(tmp_path, config, step=20, where="inside_checkpoint")
     out = tmp_path / "partial"
     assert (out / "checkpoint-20" / "model.safetensors").is_file()

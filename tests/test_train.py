@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import count_correct
-from igea.train import RUN_MARKER, train, training_arguments
+from igea.rundir import RUN_MARKER
+from igea.train import train, training_arguments
 
 from conftest import make_config
 
@@ -91,7 +92,8 @@ def test_block_size_above_model_context_is_refused(tiny_model_dir, corpus_file, 
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, corpus_file, tmp_path):
-    from igea.train import CHECKPOINT_MARKER, NonFiniteLossError, last_complete_checkpoint
+    from igea.rundir import CHECKPOINT_MARKER, last_complete_checkpoint
+    from igea.train import NonFiniteLossError
 
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file,
                       training={"learning_rate": 1e30, "max_steps": 40, "save_steps": 1, "warmup_ratio": 0.0,

@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import (
     Dataset,
-    DatasetDict,
     Features,
     IterableDataset,
     List,
@@ -47,13 +46,7 @@ class PreparedData:
 
     train: Dataset
     validation: Dataset | None
-    stats: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def as_dataset_dict(self) -> DatasetDict:
-        splits = {"train": self.train}
-        if self.validation is not None:
-            splits["validation"] = self.validation
-        return DatasetDict(splits)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedData:
@@ -91,14 +84,14 @@ def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase | None =
         train = stream_blocks(train_parts, sources, tokenizer, d, seed)
         stats["train"] = {"streaming": True, "sources": [source_label(s) for s in sources]}
     else:
-        blocks = []
+        blocks, per_source = [], {}
         for documents, source in zip(train_parts, sources, strict=True):
-            packed, part_stats = pack_split(f"train ({source_label(source)})" if len(sources) > 1 else "train",
-                                            documents, tokenizer, d)
+            label = source_label(source)
+            packed, per_source[label] = pack_split(f"train ({label})" if len(sources) > 1 else "train",
+                                                   documents, tokenizer, d)
             blocks.append(packed)
-            stats.setdefault("train_sources", {})[source_label(source)] = part_stats
         train = mix_blocks(blocks, sources, seed)
-        stats["train"] = summed_stats(stats.pop("train_sources"), len(train), d.block_size)
+        stats["train"] = summed_stats(per_source, len(train))
     return PreparedData(train, validation, stats)
 
 
@@ -117,7 +110,7 @@ def pack_split(name: str, documents: Dataset, tokenizer: PreTrainedTokenizerBase
     return blocks, stats
 
 
-def summed_stats(per_source: dict[str, dict[str, int]], mixed_blocks: int, block_size: int) -> dict[str, Any]:
+def summed_stats(per_source: dict[str, dict[str, int]], mixed_blocks: int) -> dict[str, Any]:
     """Counts of the train split; with several sources, also each source's share of the mixed blocks."""
     total = {key: sum(s[key] for s in per_source.values()) for key in ("documents", "tokens", "blocks", "remainder")}
     if len(per_source) > 1:

@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase
 
-from igea.config import DataConfig, EvalConfig, ModelConfig
+from igea.config import DataConfig, EvalConfig
 from igea.data import clean_corpus, load_corpus, pack_blocks, tokenize_corpus
 from igea.errors import ConfigError, IgeaError
-from igea.metrics import IGNORE_INDEX, count_correct, perplexity
-from igea.modeling import DTYPES, from_pretrained_or_explain, load_causal_lm
+from igea.metrics import NextTokenMetrics, argmax_and_nll, perplexity
+from igea.modeling import load_pretrained
+from igea.rundir import run_config, write_json_atomic
 from igea.tasks import check_task_names, context_length, load_task, markdown_table, run_tasks
-from igea.train import RUN_MARKER, BlockCollator, write_json_atomic
+from igea.train import BlockCollator
 
 logger = logging.getLogger(__name__)
 
@@ -125,21 +124,14 @@ def load_for_eval(
         if tokenizer is None:
             raise IgeaError("evaluate: a loaded model needs its tokenizer (tokenizer=...)")
         return source.eval(), tokenizer
-    model_cfg = ModelConfig(name_or_path=str(source), dtype=dtype or "auto")
-    if model_cfg.dtype not in ("auto", *DTYPES):
-        raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of auto, {', '.join(DTYPES)}")
-    tok = tokenizer or from_pretrained_or_explain(AutoTokenizer, str(source), model_cfg)
-    model = load_causal_lm(str(source), model_cfg)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tok
+    model, own_tokenizer = load_pretrained(str(source), device, dtype)
+    return model, tokenizer or own_tokenizer
 
 
 def run_packing(source: ModelLike) -> dict[str, Any]:
     """The packing settings of the run in directory `source` (empty when it is not a run directory)."""
-    marker = Path(source) / RUN_MARKER if not isinstance(source, PreTrainedModel) else None
-    if marker is None or not marker.is_file():
-        return {}
-    data = json.loads(marker.read_text(encoding="utf-8")).get("config", {}).get("data", {})
+    config = None if isinstance(source, PreTrainedModel) else run_config(source)
+    data = (config or {}).get("data", {})
     return {k: data[k] for k in PACKING_KEYS if k in data}
 
 
@@ -194,18 +186,14 @@ def held_out_metrics(model: PreTrainedModel, blocks: Dataset, batch_size: int = 
     `packing: documents`); the loss is averaged over tokens, not over batches.
     """
     model.eval()
-    nll, correct, counted = 0.0, 0, 0
+    tally = NextTokenMetrics()  # the definitions the trainer's evaluation uses
     for batch in DataLoader(blocks, batch_size=batch_size, collate_fn=BlockCollator()):
         labels = batch.pop("labels").to(model.device)
         logits = model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False).logits
-        targets = labels[:, 1:].flatten()
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX,
-                               reduction="sum").item()
-        right, total = count_correct(logits.argmax(-1), labels)
-        correct += right
-        counted += total
-    loss = nll / counted
-    return {"loss": loss, "perplexity": perplexity(loss), "accuracy": correct / counted, "tokens": counted}
+        tally(EvalPrediction(predictions=argmax_and_nll(logits, labels), label_ids=labels), compute_result=False)
+    result = tally.result()
+    loss = result["token_loss"]
+    return {"loss": loss, "perplexity": perplexity(loss), "accuracy": result["accuracy"], "tokens": result["tokens"]}
 
 
 def changes(model: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:

@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteria,
@@ -29,10 +27,10 @@ from transformers import (
     set_seed,
 )
 
-from igea.config import GenerationConfig, ModelConfig, build_section, check_generation_values
+from igea.config import GenerationConfig, build_section, check_generation_values
 from igea.errors import ConfigError, IgeaError
-from igea.modeling import DTYPES, from_pretrained_or_explain
-from igea.train import RUN_MARKER
+from igea.modeling import load_pretrained
+from igea.rundir import run_config
 
 DEFAULT_BATCH_SIZE = 16
 PARAMETERS = tuple(f.name for f in dataclasses.fields(GenerationConfig) if f.name != "prompts")
@@ -78,13 +76,8 @@ class Generator:
         `device` defaults to CUDA when available, `dtype` to the checkpoint's own; `config` defaults to the
         `generation:` section a run directory was trained with, else to `GenerationConfig()`.
         """
-        dtype = dtype or "auto"
-        if dtype not in ("auto", *DTYPES):
-            raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of auto, {', '.join(DTYPES)}")
-        model_cfg = ModelConfig(name_or_path=path, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = from_pretrained_or_explain(AutoTokenizer, path, model_cfg)
-        model = from_pretrained_or_explain(AutoModelForCausalLM, path, model_cfg, dtype=DTYPES.get(dtype, "auto"))
-        return cls(_to_device(model, device), tokenizer, config or run_generation_config(path))
+        model, tokenizer = load_pretrained(path, device, dtype, trust_remote_code)
+        return cls(model, tokenizer, config or run_generation_config(path))
 
     @property
     def context_length(self) -> int | None:
@@ -268,20 +261,10 @@ def generated_lengths(new_tokens: torch.Tensor, eos_ids: list[int]) -> list[int]
 
 def run_generation_config(path: str) -> GenerationConfig | None:
     """The `generation:` section a run directory was trained with; None for other model directories."""
-    marker = Path(path) / RUN_MARKER
-    if not marker.is_file():
+    config = run_config(path)
+    if config is None:
         return None
-    section = json.loads(marker.read_text(encoding="utf-8")).get("config", {}).get("generation", {})
-    return build_section(GenerationConfig, section, "generation.")
-
-
-def _to_device(model: PreTrainedModel, device: str | None) -> PreTrainedModel:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return model.to(torch.device(device))
-    except (RuntimeError, AssertionError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"device: {device!r} cannot be used: {reason}") from None
+    return build_section(GenerationConfig, config.get("generation", {}), "generation.")
 
 
 def generate(

@@ -58,12 +58,15 @@ class NextTokenMetrics:
         self.correct += correct
         self.counted += counted
         self.nll += float(torch.as_tensor(nll, dtype=torch.float64).sum())
-        if not compute_result:
-            return {}
+        return self.result() if compute_result else {}
+
+    def result(self) -> dict[str, float]:
+        """Accuracy, token-weighted loss and the number of scored tokens so far; then start counting afresh."""
         if self.counted == 0:
-            result = {"accuracy": float("nan"), "token_loss": float("nan")}
+            result = {"accuracy": float("nan"), "token_loss": float("nan"), "tokens": 0}
         else:
-            result = {"accuracy": self.correct / self.counted, "token_loss": self.nll / self.counted}
+            result = {"accuracy": self.correct / self.counted, "token_loss": self.nll / self.counted,
+                      "tokens": self.counted}
         self.correct = self.counted = 0
         self.nll = 0.0
         return result

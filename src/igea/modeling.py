@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from igea.config import IgeaConfig, ModelConfig, TinyModelConfig
-from igea.errors import IgeaError
+from igea.errors import ConfigError, IgeaError
 from igea.hub import hub_reachable
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,32 @@ def load_causal_lm(source: str, model_cfg: ModelConfig) -> PreTrainedModel:
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def load_pretrained(
+    path: str, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model in eval mode on `device` (CUDA when available) and its tokenizer, for generation and evaluation.
+
+    `path` is a run directory, a model directory or a hub id; `dtype` defaults to the checkpoint's own.
+    """
+    dtype = dtype or "auto"
+    if dtype not in ("auto", *DTYPES):
+        raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of auto, {', '.join(DTYPES)}")
+    model_cfg = ModelConfig(name_or_path=path, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = from_pretrained_or_explain(AutoTokenizer, path, model_cfg)
+    model = load_causal_lm(path, model_cfg)
+    return to_device(model, device).eval(), tokenizer
+
+
+def to_device(model: PreTrainedModel, device: str | None) -> PreTrainedModel:
+    """`model` moved to `device` (CUDA when available, else CPU); a device that cannot be used is one clear line."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return model.to(torch.device(device))
+    except (RuntimeError, AssertionError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"device: {device!r} cannot be used: {reason}") from None
 
 
 def model_context_length(source: str, model_cfg: ModelConfig) -> int | None:

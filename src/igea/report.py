@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ from transformers.modelcard import make_markdown_table, parse_log_history
 
 from igea.config import SAMPLE_CORPUS, looks_local
 from igea.errors import IgeaError
+from igea.rundir import RUN_MARKER, write_text_atomic
 from igea.tasks import markdown_table
-from igea.train import RUN_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +103,6 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise IgeaError(f"card: '{path}' is not valid JSON ({err.msg} at line {err.lineno})") from None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------

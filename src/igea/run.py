@@ -11,8 +11,9 @@ from igea.config import IgeaConfig
 from igea.evaluate import load_for_eval
 from igea.generate import Generator
 from igea.report import write_report
+from igea.rundir import write_json_atomic
 from igea.tasks import run_tasks
-from igea.train import RunResult, train, write_json_atomic
+from igea.train import RunResult, train
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ def run(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> RunRe
 def generate_samples(cfg: IgeaConfig, result: RunResult) -> dict[str, str]:
     """One continuation (with its prompt) per configured prompt, from the trained model."""
     generator = Generator.from_pretrained(str(result.output_dir), config=cfg.generation)
-    return {prompt: generator.generate(prompt, full_text=True)[0] for prompt in cfg.generation.prompts}
+    prompts = cfg.generation.prompts
+    texts = generator.generate(prompts, full_text=True, num_return_sequences=1)  # all prompts in one batch
+    return dict(zip(prompts, texts, strict=True))
 
 
 def run_benchmarks(cfg: IgeaConfig, result: RunResult) -> dict[str, dict]:

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,17 @@ from igea.data import PreparedData, prepare_dataset, source_label
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import IGNORE_INDEX, NextTokenMetrics, argmax_and_nll, perplexity
 from igea.modeling import base_model_path, load_causal_lm, load_tokenizer, model_context_length
+from igea.rundir import (
+    BEFORE_METRICS,
+    CHECKPOINT_MARKER,
+    RUN_MARKER,
+    check_output_dir,
+    last_complete_checkpoint,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
-RUN_MARKER = "igea_run.json"
-"""Written last, into the output directory of a finished run: config, versions and metrics."""
-BEFORE_METRICS = "eval_before.json"
-CHECKPOINT_MARKER = "igea_checkpoint.json"
-"""Written into a checkpoint once all of it is on disk; a checkpoint without it is never resumed from."""
 
 
 @dataclass
@@ -98,8 +100,12 @@ def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> Run
 
 
 class IgeaTrainer(Trainer):
-    """The transformers Trainer with two safety nets: a NaN/inf loss stops the run before it reaches a
-    checkpoint, and every checkpoint gets a completion marker once all of it is on disk.
+    """The transformers Trainer, plus what continued pretraining needs from it:
+
+    - a NaN/inf loss stops the run before it reaches a checkpoint;
+    - every checkpoint gets a completion marker once all of it is on disk (resume skips the others);
+    - with mixed corpora, the tokens each source supplied are counted (and kept across a resume);
+    - the eval loss is token-weighted, exact however the blocks were batched or spread over processes.
     """
 
     def __init__(self, *args: Any, stop_on_nonfinite_loss: bool = True, sources: list[str] | None = None,
@@ -248,10 +254,11 @@ def check_launch() -> None:
 def log_layout(args: TrainingArguments) -> None:
     """Say how the global batch is made, once, on the main process."""
     if args.process_index == 0:
-        total = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        layout = batch_layout(args)
         logger.info(
             "batch layout: %d per device x %d process(es) x %d accumulation step(s) = %d sequences per step",
-            args.per_device_train_batch_size, args.world_size, args.gradient_accumulation_steps, total,
+            layout["per_device_train_batch_size"], layout["num_devices"], layout["gradient_accumulation_steps"],
+            layout["total_train_batch_size"],
         )
 
 
@@ -284,39 +291,7 @@ def check_block_size(cfg: IgeaConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Run directory: protection, checkpoints, final outputs
-
-
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Never replace a finished run or an interrupted one unless asked to (`overwrite` / `resume`)."""
-    if not output_dir.exists():
-        return
-    if output_dir.is_file():
-        raise IgeaError(f"training.output_dir: '{output_dir}' is a file, not a directory")
-    finished = (output_dir / RUN_MARKER).is_file()
-    checkpoints = list(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
-    if overwrite:
-        shutil.rmtree(output_dir)
-        return
-    if finished:
-        raise IgeaError(
-            f"training.output_dir: '{output_dir}' holds a finished run; pass --overwrite to replace it "
-            "or choose another output_dir"
-        )
-    if checkpoints and not resume:
-        raise IgeaError(
-            f"training.output_dir: '{output_dir}' holds checkpoints of an unfinished run; pass --resume to "
-            "continue it or --overwrite to start again"
-        )
-
-
-def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest `checkpoint-N` that was written to the end (it holds igea's completion marker)."""
-    complete = [
-        p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-        if p.name.split("-")[-1].isdigit() and (p / CHECKPOINT_MARKER).is_file()
-    ]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+# Final outputs
 
 
 def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any]) -> None:
@@ -336,12 +311,11 @@ def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any]) -> None
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "log_history.json", trainer.state.log_history)
     write_json_atomic(out / RUN_MARKER, {"config": cfg.to_dict(), "versions": framework_versions(),
-                                         "layout": trainer_layout(trainer), "metrics": metrics})
+                                         "layout": batch_layout(trainer.args), "metrics": metrics})
 
 
-def trainer_layout(trainer: Trainer) -> dict[str, Any]:
-    """How the batch was spread: devices, per-device batch, accumulation and the global batch."""
-    args = trainer.args
+def batch_layout(args: TrainingArguments) -> dict[str, Any]:
+    """How the batch is spread: devices, per-device batch, accumulation and the global batch (saved in a run)."""
     return {
         "distributed_type": str(args.parallel_mode.value) if hasattr(args.parallel_mode, "value") else "",
         "num_devices": args.world_size,
@@ -363,13 +337,6 @@ def framework_versions() -> dict[str, str]:
 
     return {"igea": igea.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
             "datasets": datasets.__version__, "tokenizers": tokenizers.__version__}
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class NonFiniteLossError(IgeaError):
