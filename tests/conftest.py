@@ -75,9 +75,10 @@ def make_config(tmp_path: Path, model_dir: Path, corpus: Path, **sections) -> ig
     return config_from_dict(config_dict(tmp_path / "run", model_dir, corpus, **sections))
 
 
-def write_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path, **training) -> Path:
+def write_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path, data: dict | None = None,
+                 **training) -> Path:
     """`config_dict` as a YAML file `tmp_path/NAME.yaml` running into `tmp_path/NAME` (for the CLI)."""
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config_dict(tmp_path / name, model_dir, corpus, training=training)),
-                    encoding="utf-8")
+    raw = config_dict(tmp_path / name, model_dir, corpus, training=training, data=data or {})
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path

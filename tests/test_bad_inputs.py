@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,6 +75,47 @@ def finished_run(tmp: Path) -> None:
 
 def unfinished_run(tmp: Path) -> None:
     (tmp / "run" / "checkpoint-5").mkdir(parents=True)
+    (tmp / "run" / "igea_start.json").write_text("{}")
+    (tmp / "run" / "checkpoint-5" / "igea_checkpoint.json").write_text('{"global_step": 5}')
+
+
+def project_folder(tmp: Path) -> None:
+    """A user's folder, not an igea run: never written into, never deleted."""
+    (tmp / "run" / "notes").mkdir(parents=True)
+    for name, text in [("thesis.tex", "x"), ("README.md", "mine"), ("config.json", "{}"), ("notes/a.txt", "a")]:
+        (tmp / "run" / name).write_text(text)
+
+
+def runs_folder(tmp: Path) -> None:
+    """A folder holding two finished runs: as an output_dir it is not a run itself."""
+    for name in ("expA", "expB"):
+        (tmp / "run" / name).mkdir(parents=True)
+        (tmp / "run" / name / "igea_run.json").write_text("{}")
+        (tmp / "run" / name / "model.safetensors").write_text("weights")
+
+
+def run_with_a_foreign_file(tmp: Path) -> None:
+    finished_run(tmp)
+    (tmp / "run" / "model.safetensors").write_text("weights")
+    (tmp / "run" / "thesis.tex").write_text("not igea's")
+
+
+def run_in_use(tmp: Path) -> None:
+    """An unfinished run whose lock is held by a live process on this host (this one)."""
+    (tmp / "run").mkdir()
+    (tmp / "run" / "igea_start.json").write_text("{}")
+    lock = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-11-28 07:00:00"}
+    (tmp / "run" / "igea.lock").write_text(json.dumps(lock))
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8)
+) + "model: *i\n"
+
+
+def unreadable_task(tmp: Path) -> str:
+    return write(tmp, "quiz.jsonl", '{"question": "Il fegato è", "choices": ["un organo"\n')
 
 
 CASES: dict[str, tuple[Case, str]] = {
@@ -108,14 +151,48 @@ CASES: dict[str, tuple[Case, str]] = {
     "tokenizer without eos": (train_case(model=no_eos_model), "has no EOS token"),
     "model needs remote code": (train_case(model=lambda t, m: remote_code_model(t)),
                                 "needs custom code from its repository; set model.trust_remote_code"),
-    "finished run in output dir": (train_case(setup=finished_run), "holds a finished run; pass --overwrite"),
-    "unfinished run without --resume": (train_case(setup=unfinished_run), "pass --resume to continue it"),
+    "finished run in output dir": (train_case(setup=finished_run), "holds a finished run; use --overwrite"),
+    "unfinished run without --resume": (train_case(setup=unfinished_run), "use --resume"),
     "unknown task name": (lambda tmp, m, c: ["eval", str(m), "--tasks", "medmcqa_itaa"],
                           "unknown task 'medmcqa_itaa'; known tasks: "),
     "task answer out of range": (lambda tmp, m, c: ["eval", str(m), "--tasks", write(
         tmp, "mc.jsonl", '{"question": "Il fegato è", "choices": ["un organo", "un osso"], "answer": 5}\n')],
         "answer 5 is out of range: there are 2 choices"),
     "config is a directory": (lambda tmp, m, c: ["train", str(tmp)], "is a directory; give the path of a YAML file"),
+    # output directories igea must not write into or replace
+    "output dir is a project folder": (train_case(setup=project_folder), "is not empty and holds no igea run"),
+    "overwrite a project folder": (train_case(setup=project_folder, overrides=["--overwrite"]),
+                                   "is not empty and holds no igea run"),
+    "overwrite a folder of runs": (train_case(setup=runs_folder, overrides=["--overwrite"]),
+                                   "holds no igea run ('expA', 'expB')"),
+    "overwrite a run holding a foreign file": (train_case(setup=run_with_a_foreign_file, overrides=["--overwrite"]),
+                                               "holds files igea did not write ('thesis.tex')"),
+    "output dir used by a live run": (train_case(setup=run_in_use, overrides=["--overwrite"]),
+                                      f"is in use by another igea run (process {os.getpid()} on host"),
+    "allow config change without resume": (train_case(overrides=["--allow-config-change"]),
+                                            "--allow-config-change goes with --resume"),
+    "jit checkpoint": (train_case(training="  enable_jit_checkpoint: true\n"), "igea itself saves a checkpoint"),
+    # settings that could only fail at the end of training are refused before it
+    "max_new_tokens beyond the context": (train_case(overrides=["generation.prompts=[Il fegato è]",
+                                                                "generation.max_new_tokens=1000000000000"]),
+                                          "do not fit the model's context of 512 positions"),
+    "temperature is NaN": (train_case(overrides=["generation.temperature=.nan"]),
+                           "generation.temperature: nan is not allowed; it must be a finite number"),
+    "empty prompt": (train_case(overrides=["generation.prompts=['']"]), "generation.prompts[0]: an empty prompt"),
+    "unreadable eval task file": (lambda tmp, m, c: train_case(overrides=[f"eval.tasks=[{unreadable_task(tmp)}]"])(
+        tmp, m, c), "quiz.jsonl"),
+    # values that used to end in a traceback
+    "override is not valid YAML": (train_case(overrides=["training.learning_rate=[1e-4"]),
+                                   "override 'training.learning_rate=[1e-4': the value is not valid YAML"),
+    "learning rate is NaN": (train_case(training="  learning_rate: .nan\n"), "must be a finite number"),
+    "epochs are infinite": (train_case(training="  num_train_epochs: .inf\n"),
+                            "training.num_train_epochs: inf is not allowed; it must be a finite number"),
+    "max_grad_norm is NaN": (train_case(training="  max_grad_norm: .nan\n"),
+                             "training.max_grad_norm: nan is not allowed"),
+    "alias bomb": (train_case(text=ALIAS_BOMB), "expands to more than 100,000 values"),
+    "eval output in a missing directory": (lambda tmp, m, c: ["eval", str(m), "--corpus", str(c), "--output",
+                                                              str(tmp / "missing" / "r.json")],
+                                           "--output: directory"),
     "config file missing": (lambda tmp, m, c: ["train", str(tmp / "nope.yaml")], "does not exist"),
 }
 
@@ -134,6 +211,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path, tiny_mo
     last = err.rstrip("\n").split("\n")[-1]  # earlier lines can only be progress bars
     assert last.startswith("igea: error: ") and expected in last, err
     assert err.count("igea: error") == 1 and "Traceback" not in err, err
+    assert len(last) <= len("igea: error: ") + 1000
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,15 +20,16 @@ from conftest import write_config
 
 pytestmark = pytest.mark.slow
 
-# Runs the igea CLI with one checkpoint step made to hang at a chosen point, so the test can kill it there.
+# Runs the igea CLI with one point of the run made to hang (so the test can SIGKILL it there) or to receive a
+# signal, at a chosen step.
 HANG_SCRIPT = """
-import importlib, pathlib, sys, time
+import importlib, os, pathlib, signal, sys, time
 T = importlib.import_module("igea.train")  # the module (the package's `igea.train` is the function)
 
 flag, step, where = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 
-def hang_here(trainer):
-    if trainer.state.global_step == step:
+def hang_here(global_step):
+    if global_step == step:
         flag.write_text("ready")
         time.sleep(600)
 
@@ -35,34 +37,60 @@ if where == "after_checkpoint":
     original = T.IgeaTrainer._save_checkpoint
     def patched(self, model, trial):
         original(self, model, trial)
-        hang_here(self)
+        hang_here(self.state.global_step)
     T.IgeaTrainer._save_checkpoint = patched
-else:  # inside a checkpoint: weights and optimizer written, RNG and trainer state not yet
+elif where == "inside_checkpoint":  # weights and optimizer written, RNG and trainer state not yet
     original = T.IgeaTrainer._save_rng_state
     def patched(self, output_dir):
-        hang_here(self)
+        hang_here(self.state.global_step)
         original(self, output_dir)
     T.IgeaTrainer._save_rng_state = patched
+elif where == "before_marker":  # the whole checkpoint written, its completion marker not yet
+    original = T.mark_checkpoint_complete
+    def patched(folder, extra):
+        hang_here(extra["global_step"])
+        original(folder, extra)
+    T.mark_checkpoint_complete = patched
+elif where == "staging_final_weights":  # training over, final weights staged but not yet renamed into place
+    original = T.IgeaTrainer.save_model
+    def patched(self, output_dir=None, _internal_call=False):
+        original(self, output_dir, _internal_call)
+        if str(output_dir).endswith(".final.tmp"):
+            hang_here(self.state.global_step)
+    T.IgeaTrainer.save_model = patched
+elif where.startswith("SIG"):  # the process receives a signal during step `step + 1`
+    original = T.IgeaTrainer.training_step
+    def patched(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == step and not flag.exists():
+            flag.write_text("sent")
+            os.kill(os.getpid(), getattr(signal, where))
+        return original(self, model, inputs, num_items_in_batch)
+    T.IgeaTrainer.training_step = patched
 
 from igea.cli import main
 sys.exit(main(sys.argv[4:]))
 """
 
 
-def resume_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path) -> Path:
-    return write_config(tmp_path, name, model_dir, corpus, max_steps=30, gradient_accumulation_steps=2,
-                        warmup_ratio=0.1, save_steps=10, eval_steps=30, logging_steps=5, seed=7)
+def resume_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path, **training) -> Path:
+    return write_config(tmp_path, name, model_dir, corpus, data={"validation_split": 16}, **{
+        "max_steps": 30, "gradient_accumulation_steps": 2, "warmup_ratio": 0.1, "save_steps": 10, "eval_steps": 30,
+        "logging_steps": 5, "seed": 7, **training})
 
 
 def igea(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "igea", *args], capture_output=True, text=True, timeout=600)
 
 
-def run_until_hang_then_kill(tmp_path: Path, config: Path, step: int, where: str) -> None:
+def hang_script(tmp_path: Path, step: int, where: str, *argv: str) -> list[str]:
     script = tmp_path / "hang.py"
     script.write_text(HANG_SCRIPT)
-    flag = tmp_path / f"hanging-{where}"
-    proc = subprocess.Popen([sys.executable, str(script), str(flag), str(step), where, "train", str(config)],
+    return [sys.executable, str(script), str(tmp_path / f"flag-{where}"), str(step), where, *argv]
+
+
+def run_until_hang_then_kill(tmp_path: Path, config: Path, step: int, where: str) -> None:
+    flag = tmp_path / f"flag-{where}"
+    proc = subprocess.Popen(hang_script(tmp_path, step, where, "train", str(config)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not flag.exists():
@@ -95,7 +123,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(uninterrupted, tiny
     assert (out / "checkpoint-10" / CHECKPOINT_MARKER).is_file() and not (out / RUN_MARKER).exists()
 
     refused = igea("train", str(config))
-    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    assert refused.returncode == 2 and "use --resume" in refused.stderr
 
     resumed = igea("train", str(config), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -114,4 +142,102 @@ def test_kill_inside_a_checkpoint_resumes_from_the_previous_one(uninterrupted, t
     resumed = igea("train", str(config), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "checkpoint-10" in resumed.stderr and "resuming from" in resumed.stderr
+    assert_same_weights(uninterrupted, out)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_saves_a_checkpoint_at_the_current_step_and_resume_is_bit_exact(
+        signame, uninterrupted, tiny_model_dir, corpus_file, tmp_path):
+    config = resume_config(tmp_path, "preempted", tiny_model_dir, corpus_file)
+    stopped = subprocess.run(hang_script(tmp_path, 13, signame, "train", str(config)), capture_output=True, text=True,
+                             timeout=600)
+    out = tmp_path / "preempted"
+    assert stopped.returncode == 128 + getattr(signal, signame), stopped.stderr[-2000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("igea: error: stopped by " + signame) and "at step 14 of 30" in last and "--resume" in last
+    assert (out / "checkpoint-14" / CHECKPOINT_MARKER).is_file()
+    assert not (out / RUN_MARKER).exists()  # a run stopped early is never marked finished
+
+    resumed = igea("train", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and "checkpoint-14" in resumed.stderr
+    assert_same_weights(uninterrupted, out)
+
+
+def test_kill_before_the_marker_with_save_total_limit_1_keeps_the_previous_checkpoint(
+        uninterrupted, tiny_model_dir, corpus_file, tmp_path):
+    config = resume_config(tmp_path, "rotated", tiny_model_dir, corpus_file, save_total_limit=1)
+    run_until_hang_then_kill(tmp_path, config, step=20, where="before_marker")
+    out = tmp_path / "rotated"
+    assert (out / "checkpoint-10" / CHECKPOINT_MARKER).is_file()  # not rotated away before 20 was complete
+    assert not (out / "checkpoint-20" / CHECKPOINT_MARKER).exists()
+
+    resumed = igea("train", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and "checkpoint-10" in resumed.stderr
+    assert_same_weights(uninterrupted, out)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-30"]  # the limit still holds
+
+
+def test_kill_while_the_final_weights_are_staged_then_resume_trains_nothing_more(
+        uninterrupted, tiny_model_dir, corpus_file, tmp_path):
+    config = resume_config(tmp_path, "staged", tiny_model_dir, corpus_file, lr_scheduler_type="constant")
+    run_until_hang_then_kill(tmp_path, config, step=30, where="staging_final_weights")
+    out = tmp_path / "staged"
+    assert (out / ".final.tmp").is_dir() and not (out / RUN_MARKER).exists()
+
+    resumed = igea("train", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "nothing left to train" in resumed.stderr
+    history = json.loads((out / "log_history.json").read_text())
+    assert max(entry["step"] for entry in history) == 30  # no step 31
+    reference = tmp_path / "constant"
+    done = igea("train", str(resume_config(tmp_path, "constant", tiny_model_dir, corpus_file,
+                                           lr_scheduler_type="constant")))
+    assert done.returncode == 0, done.stderr
+    assert_same_weights(reference, out)
+
+
+def test_resume_with_a_changed_training_setting_is_refused_unless_allowed(tiny_model_dir, corpus_file, tmp_path):
+    config = resume_config(tmp_path, "changed", tiny_model_dir, corpus_file)
+    run_until_hang_then_kill(tmp_path, config, step=10, where="after_checkpoint")
+    out = tmp_path / "changed"
+
+    refused = igea("train", str(config), "--resume", "training.learning_rate=0.5", "data.block_size=32")
+    assert refused.returncode == 2
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "training.learning_rate: 0.001 -> 0.5" in last and "data.block_size: 64 -> 32" in last
+    assert "--allow-config-change" in last
+    assert not (out / RUN_MARKER).exists()
+
+    harmless = ["training.logging_steps=3", "training.eval_steps=15"]  # cadence only: no question asked
+    allowed = igea("train", str(config), "--resume", "--allow-config-change", "training.learning_rate=0.5",
+                   "data.block_size=32", *harmless)
+    assert allowed.returncode == 0, allowed.stderr
+    record = json.loads((out / RUN_MARKER).read_text())
+    assert record["config"]["training"]["learning_rate"] == 0.5
+    assert record["started_with"]["training"]["learning_rate"] == 0.001
+    changes = record["resumes"][0]["changes"]
+    assert changes["training.learning_rate"] == [0.001, 0.5] and "training.logging_steps" not in changes
+    before = record["metrics"]["before"]  # computed again on the new blocks, not reused from the 64-token ones
+    assert before["eval_tokens"] == record["metrics"]["after"]["eval_tokens"]
+
+
+@pytest.mark.parametrize("damage", ["truncated optimizer", "zeroed weights"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(damage, uninterrupted, tiny_model_dir,
+                                                                   corpus_file, tmp_path):
+    config = resume_config(tmp_path, "damaged", tiny_model_dir, corpus_file)
+    run_until_hang_then_kill(tmp_path, config, step=20, where="after_checkpoint")
+    out = tmp_path / "damaged"
+    if damage == "truncated optimizer":
+        target = out / "checkpoint-20" / "optimizer.pt"
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:
+        target = out / "checkpoint-20" / "model.safetensors"
+        target.write_bytes(bytes(target.stat().st_size))
+
+    resumed = igea("train", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint-20 cannot be resumed from: {target.name}" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "checkpoint-10" in resumed.stderr
     assert_same_weights(uninterrupted, out)

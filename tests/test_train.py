@@ -65,7 +65,7 @@ def test_trainer_accuracy_equals_a_forward_pass_by_hand(finished_run):
 def test_finished_run_is_never_overwritten_without_asking(finished_run):
     cfg, _ = finished_run
     stamp = (cfg.output_dir / "model.safetensors").stat().st_mtime_ns
-    with pytest.raises(IgeaError, match="holds a finished run; pass --overwrite"):
+    with pytest.raises(IgeaError, match="holds a finished run; use --overwrite"):
         train(cfg)
     assert (cfg.output_dir / "model.safetensors").stat().st_mtime_ns == stamp
 

@@ -3,33 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 
 from accelerate import PartialState
 
 import igea
-from igea.errors import IgeaError
+from igea.errors import IgeaError, one_line
 
 EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides may come after the flags: `igea train c.yaml --resume training.max_steps=10`
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     setup_logging(args.debug)
     try:
         return args.handler(args) or 0
     except IgeaError as err:
-        if args.debug:
+        return fail(one_line(str(err)), err.exit_code, args.debug)
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRORS:
             raise
-        print(f"igea: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(describe_os_error(err), EXIT_USAGE, args.debug)
     except KeyboardInterrupt:
         print("igea: interrupted", file=sys.stderr)
         return 130
+
+
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+"""OS errors a user fixes outside igea (disk full, read-only file system, permissions): one line, exit 2."""
+
+
+def fail(message: str, code: int, debug: bool) -> int:
+    """Print one error line (after the traceback with --debug) and return the exit code."""
+    if debug:
+        traceback.print_exc()
+    print(f"igea: error: {message}", file=sys.stderr)
+    return code
+
+
+def describe_os_error(err: OSError) -> str:
+    where = f": {err.filename}" if err.filename else ""
+    hint = " (free some space, then continue with --resume)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return one_line(f"{err.strerror or err}{where}{hint}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,12 +94,17 @@ def add_train(commands) -> None:
     parser = _command(commands, "train", cmd_train, "continue pretraining as the config says, then sample text")
     _config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="with --resume: continue even though training settings changed (both are recorded)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the igea run in output_dir (only files igea wrote are removed)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = igea.load_config(args.config, args.overrides)
-    result = igea.run(cfg, resume=args.resume, overwrite=args.overwrite)
+    if args.allow_config_change and not args.resume:
+        raise IgeaError("--allow-config-change goes with --resume")
+    result = igea.run(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     if not PartialState().is_main_process:
         return 0
     summary = {split: {k: v for k, v in result.metrics[split].items() if k in SUMMARY_KEYS}

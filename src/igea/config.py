@@ -7,10 +7,12 @@ Every problem is raised as one `ConfigError` line naming the key, the value and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import enum
 import glob
+import math
 import os
 import types
 import typing
@@ -20,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from igea.errors import ConfigError
+from igea.errors import ConfigError, show
 
 SAMPLE_CORPUS = "igea:sample"
 """`data.path` value that names the Italian biomedical sample corpus shipped inside the package."""
@@ -181,6 +183,61 @@ class IgeaConfig:
         return dataclasses.asdict(self)
 
 
+RESUME_SAFE_KEYS = frozenset({
+    "data.num_proc", "data.cache_dir",
+    *(f"training.{key}" for key in (
+        "output_dir", "logging_dir", "logging_steps", "logging_strategy", "logging_first_step",
+        "logging_nan_inf_filter", "eval_steps", "eval_strategy", "eval_delay", "eval_accumulation_steps",
+        "per_device_eval_batch_size", "batch_eval_metrics", "save_steps", "save_strategy", "save_total_limit",
+        "save_only_model", "report_to", "run_name", "project", "disable_tqdm",
+        "log_level", "log_level_replica", "dataloader_num_workers", "dataloader_pin_memory",
+        "dataloader_persistent_workers", "dataloader_prefetch_factor", "push_to_hub", "hub_model_id",
+        "hub_strategy", "hub_token", "hub_private_repo", "stop_on_nonfinite_loss", "include_num_input_tokens_seen",
+    )),
+})
+"""Settings a resumed run may change without changing what is trained: logging, evaluation and saving cadence,
+reporting, data loading workers. Any other change of `model`, `data` or `training` needs an explicit yes."""
+
+TRAINED_SECTIONS = ("model", "data", "training")
+
+
+def changed_settings(started: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys of the trained sections whose value differs between two configs (as `to_dict` gives
+    them), with (started, now) values; settings in RESUME_SAFE_KEYS are not counted."""
+    before, after = _flatten(started, TRAINED_SECTIONS), _flatten(now, TRAINED_SECTIONS)
+    return {
+        key: (before.get(key), after.get(key))
+        for key in sorted(before.keys() | after.keys())
+        if key not in RESUME_SAFE_KEYS and _plain(before.get(key)) != _plain(after.get(key))
+    }
+
+
+def _flatten(config: dict[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}")
+        else:
+            flat[prefix] = node
+
+    for section in sections:
+        walk(config.get(section), section)
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    """A value as JSON would give it back (tuples become lists), so a saved config compares equal to a new one."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.encoding_errors": ("strict", "replace", "ignore"),
@@ -212,12 +269,30 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config: '{path}' must be a mapping of sections, got a {type(raw).__name__}")
+    if expanded_size(raw) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"config: '{path}' expands to more than {MAX_CONFIG_VALUES:,} values (nested YAML aliases)")
     for item in overrides or []:
         apply_override(raw, item)
     raw.setdefault("training", {})
     if isinstance(raw["training"], dict):
         raw["training"].setdefault("output_dir", str(Path("runs") / path.stem))
     return config_from_dict(raw)
+
+
+MAX_CONFIG_VALUES = 100_000
+"""More values than any real config has; a few lines of nested YAML aliases can expand to billions."""
+
+
+def expanded_size(node: Any, memo: dict[int, int] | None = None) -> int:
+    """How many values `node` holds once YAML aliases are expanded (shared sub-trees counted once each use)."""
+    memo = {} if memo is None else memo
+    if not isinstance(node, (dict, list)):
+        return 1
+    if id(node) not in memo:
+        memo[id(node)] = 0  # a self-referencing alias counts as one value
+        children = node.values() if isinstance(node, dict) else node
+        memo[id(node)] = 1 + sum(expanded_size(child, memo) for child in children)
+    return memo[id(node)]
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -236,7 +311,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}); quote text") from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> IgeaConfig:
@@ -256,7 +335,7 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {show(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
@@ -270,10 +349,13 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.')}: missing required key '{missing}'") from None
 
 
-def _unknown_key(full_key: str, key: str, allowed: list[str]) -> str:
+def _unknown_key(full_key: str, key: str, allowed: list[str], described: str | None = None) -> str:
     close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"allowed: {', '.join(allowed)}"
-    return f"unknown key '{full_key}'; {hint}"
+    if close:
+        hint = f"did you mean {', '.join(repr(c) for c in close)}?"
+    else:
+        hint = f"allowed: {described or ', '.join(allowed)}"
+    return f"unknown key '{show(full_key)[1:-1]}'; {hint}"
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -295,14 +377,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {show(value)}")
     if origin is list:
         if not isinstance(value, list):
             value = [value]
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {show(value)}")
         return dict(value)
     if dataclasses.is_dataclass(hint):
         return build_section(hint, value, f"{key}.")
@@ -313,7 +395,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is False and "no" in allowed:  # YAML 1.1 reads a bare `no` as false
             return "no"
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{key}: {show(value)} is not allowed; choose one of {', '.join(map(str, allowed))}")
         return value
     return _coerce_scalar(value, hint, key)
 
@@ -333,19 +415,22 @@ def _coerce_scalar(value: Any, hint: type, key: str) -> Any:
             except ValueError:
                 pass
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {value} is not allowed; it must be a finite number")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
     else:
         return value
-    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {show(value)}")
 
 
 def _type_name(hint: Any) -> str:
@@ -386,7 +471,13 @@ def _validate_training(section: dict[str, Any]) -> dict[str, Any]:
         elif key in hints:
             checked[key] = _coerce(value, hints[key], full)
         else:
-            raise ConfigError(_unknown_key(full, key, allowed))
+            raise ConfigError(_unknown_key(full, key, allowed, "the fields of transformers.TrainingArguments and "
+                                           f"igea's {', '.join(IGEA_TRAINING_KEYS)}"))
+    if checked.get("enable_jit_checkpoint"):
+        raise ConfigError(
+            "training.enable_jit_checkpoint: true is not allowed; igea itself saves a checkpoint when it receives "
+            "SIGTERM or SIGUSR1 and leaves the run unfinished, ready for --resume"
+        )
     if "warmup_steps" in section and "warmup_ratio" not in section:
         checked.pop("warmup_ratio")
     _check_training_ranges(checked)
@@ -398,20 +489,22 @@ def _check_training_ranges(t: dict[str, Any]) -> None:
                 "gradient_accumulation_steps", "num_train_epochs", "adam_epsilon"]
     for key in positive:
         if key in t and t[key] is not None and t[key] <= 0:
-            raise ConfigError(f"training.{key}: {t[key]!r} is not allowed; it must be greater than 0")
+            raise ConfigError(f"training.{key}: {show(t[key])} is not allowed; it must be greater than 0")
     for key in ("adam_beta1", "adam_beta2"):
         if key in t and not 0 <= t[key] < 1:
-            raise ConfigError(f"training.{key}: {t[key]!r} is not allowed; it must be in [0, 1)")
+            raise ConfigError(f"training.{key}: {show(t[key])} is not allowed; it must be in [0, 1)")
     if t.get("weight_decay", 0) < 0:
-        raise ConfigError(f"training.weight_decay: {t['weight_decay']!r} is not allowed; it must be >= 0")
+        raise ConfigError(f"training.weight_decay: {show(t['weight_decay'])} is not allowed; it must be >= 0")
     ratio = t.get("warmup_ratio")
     if ratio is not None and not 0 <= ratio < 1:
-        raise ConfigError(f"training.warmup_ratio: {ratio!r} is not allowed; it must be in [0, 1)")
+        raise ConfigError(f"training.warmup_ratio: {show(ratio)} is not allowed; it must be in [0, 1)")
     if t.get("max_steps", -1) == 0 or t.get("max_steps", -1) < -1:
-        raise ConfigError(f"training.max_steps: {t['max_steps']!r} is not allowed; use -1 (epochs) or a positive count")
+        raise ConfigError(
+            f"training.max_steps: {show(t['max_steps'])} is not allowed; use -1 (epochs) or a positive count"
+        )
     total = t.get("total_train_batch_size")
     if total is not None and total <= 0:
-        raise ConfigError(f"training.total_train_batch_size: {total!r} is not allowed; it must be greater than 0")
+        raise ConfigError(f"training.total_train_batch_size: {show(total)} is not allowed; it must be greater than 0")
     if not t.get("output_dir"):
         raise ConfigError("training.output_dir: must be set to the directory of the run")
 
@@ -425,7 +518,7 @@ def _check_values(cfg: IgeaConfig) -> None:
         section, name = dotted.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            raise ConfigError(f"{dotted}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+            raise ConfigError(f"{dotted}: {show(value)} is not allowed; choose one of {', '.join(allowed)}")
     m, d, g, e = cfg.model, cfg.data, cfg.generation, cfg.eval
     if (m.name_or_path is None) == (m.tiny is None):
         raise ConfigError("model: set exactly one of 'model.name_or_path' (hub id or directory) and 'model.tiny'")
@@ -442,32 +535,35 @@ def _check_values(cfg: IgeaConfig) -> None:
             resolve_local_files(paths, key)
     for i, s in enumerate(d.sources):
         if s.weight <= 0:
-            raise ConfigError(f"data.sources[{i}].weight: {s.weight!r} is not allowed; it must be greater than 0")
+            raise ConfigError(f"data.sources[{i}].weight: {show(s.weight)} is not allowed; it must be greater than 0")
     if d.streaming:
         _check_streaming(d, cfg.training)
     if d.block_size < 2:
-        raise ConfigError(f"data.block_size: {d.block_size!r} is not allowed; it must be at least 2")
+        raise ConfigError(f"data.block_size: {show(d.block_size)} is not allowed; it must be at least 2")
     vs = d.validation_split
     if isinstance(vs, float) and not 0 <= vs < 1 or isinstance(vs, int) and vs < 0:
-        raise ConfigError(f"data.validation_split: {vs!r} is not allowed; use a fraction in [0, 1) or a count >= 0")
+        raise ConfigError(f"data.validation_split: {show(vs)} is not allowed; use a fraction in [0, 1) or a count >= 0")
     for key, value in [("data.min_chars", d.min_chars), ("data.max_documents", d.max_documents),
                        ("data.token_budget", d.token_budget), ("data.num_proc", d.num_proc),
                        ("eval.limit", e.limit), ("eval.num_fewshot", e.num_fewshot)]:
         if value is not None and value < 0:
-            raise ConfigError(f"{key}: {value!r} is not allowed; it must be >= 0")
+            raise ConfigError(f"{key}: {show(value)} is not allowed; it must be >= 0")
     check_generation_values(g, "generation.")
+    for i, prompt in enumerate(g.prompts):
+        if not prompt.strip():
+            raise ConfigError(f"generation.prompts[{i}]: an empty prompt is not allowed; give the text to continue")
     from igea.tasks import check_task_names  # igea.tasks builds on this module
 
     check_task_names(e.tasks)
     if e.batch_size < 1:
-        raise ConfigError(f"eval.batch_size: {e.batch_size!r} is not allowed; it must be at least 1")
+        raise ConfigError(f"eval.batch_size: {show(e.batch_size)} is not allowed; it must be at least 1")
 
 
 def _check_streaming(d: DataConfig, training: dict[str, Any]) -> None:
     """A streamed corpus has no length: the run is sized by steps or tokens, the validation set by a count."""
     if isinstance(d.validation_split, float) and d.validation_split > 0 and d.validation_path is None:
         raise ConfigError(
-            f"data.validation_split: {d.validation_split!r} is a fraction, which a streamed corpus cannot take; "
+            f"data.validation_split: {show(d.validation_split)} is a fraction, which a streamed corpus cannot take; "
             "give a count of documents (e.g. 500), 0, or data.validation_path"
         )
     has_steps = training.get("max_steps", -1) > 0
@@ -481,20 +577,20 @@ def _check_streaming(d: DataConfig, training: dict[str, Any]) -> None:
 def check_generation_values(g: GenerationConfig, prefix: str = "") -> None:
     """Range checks shared by the config loader and per-call overrides of `Generator.generate`."""
     if g.max_new_tokens < 1:
-        raise ConfigError(f"{prefix}max_new_tokens: {g.max_new_tokens!r} is not allowed; it must be at least 1")
+        raise ConfigError(f"{prefix}max_new_tokens: {show(g.max_new_tokens)} is not allowed; it must be at least 1")
     if g.temperature <= 0:
-        raise ConfigError(f"{prefix}temperature: {g.temperature!r} is not allowed; it must be greater than 0")
+        raise ConfigError(f"{prefix}temperature: {show(g.temperature)} is not allowed; it must be greater than 0")
     if not 0 < g.top_p <= 1:
-        raise ConfigError(f"{prefix}top_p: {g.top_p!r} is not allowed; it must be in (0, 1]")
+        raise ConfigError(f"{prefix}top_p: {show(g.top_p)} is not allowed; it must be in (0, 1]")
     if g.top_k < 0:
-        raise ConfigError(f"{prefix}top_k: {g.top_k!r} is not allowed; it must be >= 0")
+        raise ConfigError(f"{prefix}top_k: {show(g.top_k)} is not allowed; it must be >= 0")
     if g.repetition_penalty <= 0:
         raise ConfigError(
-            f"{prefix}repetition_penalty: {g.repetition_penalty!r} is not allowed; it must be greater than 0"
+            f"{prefix}repetition_penalty: {show(g.repetition_penalty)} is not allowed; it must be greater than 0"
         )
     if g.num_return_sequences < 1:
         raise ConfigError(
-            f"{prefix}num_return_sequences: {g.num_return_sequences!r} is not allowed; it must be at least 1"
+            f"{prefix}num_return_sequences: {show(g.num_return_sequences)} is not allowed; it must be at least 1"
         )
     if g.num_return_sequences > 1 and not g.do_sample:
         raise ConfigError(f"{prefix}num_return_sequences: {g.num_return_sequences} needs do_sample: true")

@@ -236,6 +236,8 @@ def format_results(results: dict[str, Any]) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     """`igea eval PATH [--corpus FILES] [--tasks a,b] [--compare BASE] ...`."""
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise IgeaError(f"--output: directory '{Path(args.output).parent}' does not exist; create it first")
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     eval_config = EvalConfig(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                              batch_size=args.batch_size)

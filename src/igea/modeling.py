@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -139,21 +142,34 @@ def _first_line(err: BaseException) -> str:
 # The tiny model
 
 
+TINY_MARKER = "igea_tiny.json"
+"""Written beside a tiny model built for a run: its shape and corpus, so a changed config rebuilds it."""
+TOKENIZER_CORPUS_KEYS = ("path", "sources", "name", "split", "revision", "text_column", "max_documents", "min_chars",
+                         "encoding_errors")
+"""The `data:` settings that decide which documents the tiny model's tokenizer is trained on."""
+
+
 def ensure_tiny_model(cfg: IgeaConfig) -> Path:
-    """Build the tiny base model into `<output_dir>/base-model` unless it is already there."""
+    """Build the tiny base model into `<output_dir>/base-model` unless the one there was built the same way."""
     target = Path(base_model_path(cfg))
-    if (target / "config.json").is_file():
+    data = dataclasses.asdict(cfg.data)
+    recipe = {"tiny": dataclasses.asdict(cfg.model.tiny), "corpus": {k: data[k] for k in TOKENIZER_CORPUS_KEYS}}
+    recipe = json.loads(json.dumps(recipe, default=str))
+    marker = target / TINY_MARKER
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == recipe:
         return target
     from igea.data import read_documents  # the corpus trains the tokenizer
 
     texts = read_documents(cfg.data, limit=20000)
-    return build_tiny_model(texts, cfg.model.tiny, target)
+    return build_tiny_model(texts, cfg.model.tiny, target, recipe)
 
 
-def build_tiny_model(texts: Iterable[str], shape: TinyModelConfig, out_dir: str | Path) -> Path:
+def build_tiny_model(texts: Iterable[str], shape: TinyModelConfig, out_dir: str | Path,
+                     recipe: dict | None = None) -> Path:
     """Train a byte-level BPE tokenizer on `texts` and save a randomly initialised tiny Mistral beside it.
 
-    The result is a normal Hugging Face model directory (safetensors weights), loadable by `from_pretrained`.
+    The result is a normal Hugging Face model directory (safetensors weights), loadable by `from_pretrained`;
+    `recipe`, when given, is saved beside it (igea_tiny.json) to recognise it later.
     """
     out_dir = Path(out_dir)
     tokenizer = train_bpe_tokenizer(texts, shape.vocab_size)
@@ -174,8 +190,13 @@ def build_tiny_model(texts: Iterable[str], shape: TinyModelConfig, out_dir: str 
     torch.manual_seed(shape.seed)
     model = MistralForCausalLM(config)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if recipe is not None:
+        (tmp / TINY_MARKER).write_text(json.dumps(recipe), encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # built for another shape or corpus
     tmp.replace(out_dir)
     logger.info("built tiny Mistral (%.2fM parameters, vocab %d) in %s", model.num_parameters() / 1e6,
                 len(tokenizer), out_dir)

@@ -13,22 +13,26 @@ from igea.generate import Generator
 from igea.report import write_report
 from igea.rundir import write_json_atomic
 from igea.tasks import run_tasks
-from igea.train import RunResult, train
+from igea.train import RunResult, mark_finished, open_run, train_started
 
 logger = logging.getLogger(__name__)
 
 
-def run(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
-    """Continue pretraining as configured, generate one sample per configured prompt, write README.md."""
-    result = train(cfg, resume=resume, overwrite=overwrite)
-    if not PartialState().is_main_process:  # one process samples and writes the card
-        return result
-    if cfg.generation.prompts:
-        result.metrics["samples"] = generate_samples(cfg, result)
-    if cfg.eval.tasks:
-        result.metrics["benchmarks"] = run_benchmarks(cfg, result)
-    save_metrics(result)
-    write_report(result.output_dir)
+def run(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False,
+        allow_config_change: bool = False) -> RunResult:
+    """Continue pretraining as configured (see `igea.train` for the flags), generate one sample per configured
+    prompt, score the `eval.tasks` benchmarks, mark the run finished and write its model card."""
+    with open_run(cfg, resume, overwrite, allow_config_change) as start:
+        result = train_started(cfg, start, finish=False)
+        if not PartialState().is_main_process:  # one process samples and writes the card
+            return result
+        if cfg.generation.prompts:
+            result.metrics["samples"] = generate_samples(cfg, result)
+        if cfg.eval.tasks:
+            result.metrics["benchmarks"] = run_benchmarks(cfg, result)
+        save_metrics(result)
+        mark_finished(cfg, result)
+        write_report(result.output_dir)
     return result
 
 

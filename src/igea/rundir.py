@@ -1,31 +1,61 @@
-"""A run directory's own files: the markers of a finished run and of a complete checkpoint, atomic writes,
-and the guard that never lets a new run replace a finished or interrupted one by accident.
+"""A run directory's own files: what igea writes there, the markers of a started run, of a finished run and of
+a complete checkpoint, atomic writes, the lock that keeps one run per directory, and the guard that never lets
+a run replace, or write into, something it should not.
+
+igea deletes only what igea wrote: `--overwrite` removes the entries of IGEA_ENTRIES from a directory that holds
+an igea run and refuses when anything else is there.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import logging
 import os
 import shutil
+import socket
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from igea.config import changed_settings
+from igea.errors import IgeaError, show
 
-from igea.errors import IgeaError
+logger = logging.getLogger(__name__)
 
 RUN_MARKER = "igea_run.json"
 """Written last, into the output directory of a finished run: config, versions, batch layout and metrics."""
+START_MARKER = "igea_start.json"
+"""Written when a run starts: the config it was started with and every later resume (what changed, when)."""
 CHECKPOINT_MARKER = "igea_checkpoint.json"
-"""Written into a checkpoint once all of it is on disk; a checkpoint without it is never resumed from."""
+"""Written into a checkpoint once all of it is on disk, with each file's size and checksum."""
 BEFORE_METRICS = "eval_before.json"
 """The base model's held-out metrics, kept so that a resumed run reports the same 'before'."""
+LOCK_FILE = "igea.lock"
+"""Present while a run uses the directory: the owner's pid, host and start time."""
+CHECKPOINT_PREFIX = "checkpoint-"
+
+IGEA_ENTRIES = (
+    RUN_MARKER, START_MARKER, BEFORE_METRICS, LOCK_FILE, "metrics.json", "log_history.json", "benchmarks.json",
+    "README.md", "curves.png", f"{CHECKPOINT_PREFIX}*", "base-model*", ".final.tmp", "*.tmp", "runs",
+    # what `save_pretrained` writes for a causal LM, its tokenizer and a peft adapter
+    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+    "training_args.bin", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+    "chat_template.jinja", "chat_template.json", "adapter_config.json", "adapter_model.safetensors",
+)
+"""Top-level names igea (or the Trainer and `save_pretrained` it calls) writes into a run directory."""
+IGNORED_ENTRIES = (".DS_Store", ".ipynb_checkpoints", "Thumbs.db")
+"""What file browsers and notebooks leave behind: neither a reason to refuse a directory nor deleted."""
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a reader (or a crash) never sees half a file."""
+    """Write to a temporary name, flush it to disk, then rename: a reader (or a crash) never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -34,39 +64,369 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The config a finished igea run was trained with (a plain dict); None for any other directory."""
     marker = Path(run_dir) / RUN_MARKER
     if not marker.is_file():
         return None
-    return json.loads(marker.read_text(encoding="utf-8")).get("config", {})
+    return read_json(marker).get("config", {})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a directory holds
+
+
+@dataclass
+class DirContents:
+    """The top-level entries of an output directory, sorted by who wrote them."""
+
+    igea: list[str]
+    foreign: list[str]
+
+    @property
+    def is_run(self) -> bool:
+        """The directory holds an igea run (started, finished, or from before start markers existed)."""
+        return any(name in self.igea for name in (START_MARKER, RUN_MARKER, LOCK_FILE))
+
+
+def dir_contents(output_dir: Path) -> DirContents:
+    igea, foreign = [], []
+    for entry in sorted(os.listdir(output_dir)):
+        if entry in IGNORED_ENTRIES:
+            continue
+        (igea if any(fnmatch.fnmatchcase(entry, pattern) for pattern in IGEA_ENTRIES) else foreign).append(entry)
+    return DirContents(igea, foreign)
+
+
+def _some(names: list[str], n: int = 4) -> str:
+    shown = ", ".join(f"'{name}'" for name in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Never replace a finished run or an interrupted one unless asked to (`overwrite` / `resume`)."""
+    """Refuse a directory igea must not write into or must not replace; nothing is changed here.
+
+    A new or empty directory is fine. A directory that is not an igea run is refused whatever the flags. An
+    igea run: a finished one needs `overwrite`; an unfinished one with a complete checkpoint needs `resume` or
+    `overwrite`; `overwrite` refuses when anything igea did not write is there.
+    """
     if not output_dir.exists():
         return
-    if output_dir.is_file():
+    if not output_dir.is_dir():
         raise IgeaError(f"training.output_dir: '{output_dir}' is a file, not a directory")
+    contents = dir_contents(output_dir)
+    if not contents.igea and not contents.foreign:
+        return
+    if not contents.is_run and not complete_checkpoints(output_dir):
+        raise IgeaError(
+            f"training.output_dir: '{output_dir}' is not empty and holds no igea run "
+            f"({_some(contents.foreign or contents.igea)}); igea writes only into a new or empty directory or one "
+            "of its own runs: choose another output_dir"
+        )
     if overwrite:
-        shutil.rmtree(output_dir)
+        if contents.foreign:
+            raise IgeaError(
+                f"training.output_dir: '{output_dir}' holds files igea did not write ({_some(contents.foreign)}); "
+                "overwrite removes only what igea wrote: move them elsewhere first"
+            )
         return
     if (output_dir / RUN_MARKER).is_file():
+        if resume:
+            raise IgeaError(f"training.output_dir: '{output_dir}' holds a finished run; there is nothing to resume")
         raise IgeaError(
-            f"training.output_dir: '{output_dir}' holds a finished run; pass --overwrite to replace it "
-            "or choose another output_dir"
+            f"training.output_dir: '{output_dir}' holds a finished run; use --overwrite (Python: overwrite=True) "
+            "to replace it, or choose another output_dir"
         )
-    if any(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) and not resume:
+    if not resume and complete_checkpoints(output_dir):
         raise IgeaError(
-            f"training.output_dir: '{output_dir}' holds checkpoints of an unfinished run; pass --resume to "
-            "continue it or --overwrite to start again"
+            f"training.output_dir: '{output_dir}' holds checkpoints of an unfinished run; use --resume "
+            "(Python: resume=True) to continue it, or --overwrite to start again"
         )
 
 
-def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest `checkpoint-N` that was written to the end (it holds igea's completion marker)."""
-    complete = [
-        p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-        if p.name.split("-")[-1].isdigit() and (p / CHECKPOINT_MARKER).is_file()
-    ]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def remove_igea_files(output_dir: Path, keep: tuple[str, ...] = ()) -> list[str]:
+    """Delete what igea wrote into `output_dir` (IGEA_ENTRIES), except `keep`; return the names removed.
+
+    Call it only after `check_output_dir` accepted the directory for overwriting.
+    """
+    removed = []
+    for name in dir_contents(output_dir).igea:
+        if name in keep:
+            continue
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(name)
+    if removed:
+        logger.info("removed the previous run's files from %s: %s", output_dir, ", ".join(removed))
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# How a run starts: afresh or from a checkpoint, with an honest record of what changed
+
+
+@dataclass
+class RunStart:
+    """How a run begins, decided by the main process once the directory is locked.
+
+    `checkpoint` is the verified checkpoint to resume from (None: from the beginning); `changes` the training
+    settings that differ from the ones the run started with (allowed on purpose); `new_dir` says the directory
+    was missing or empty, so a run that fails before it begins can leave nothing behind.
+    """
+
+    output_dir: Path
+    config: dict[str, Any]
+    checkpoint: Path | None = None
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    new_dir: bool = False
+    begun: bool = False
+
+    def begin(self, versions: dict[str, str], keep: tuple[str, ...] = ()) -> None:
+        """Just before training changes anything: a new run clears what an earlier run of this directory left
+        (igea's files only, but `keep`) and records its config; a resumed run records the resume."""
+        if self.checkpoint is None:
+            remove_igea_files(self.output_dir, keep=(LOCK_FILE, *keep))
+            write_json_atomic(self.output_dir / START_MARKER, {"config": self.config, "started": _now(),
+                                                               "versions": versions, "resumes": []})
+        else:
+            remove_checkpoints_after(self.output_dir, self.checkpoint)
+            record = start_record(self.output_dir)
+            record.setdefault("resumes", []).append(
+                {"at": _now(), "from": self.checkpoint.name, "changes": {k: list(v) for k, v in self.changes.items()}}
+            )
+            write_json_atomic(self.output_dir / START_MARKER, record)
+        self.begun = True
+
+    def abandon(self) -> None:
+        """The run failed before it began: a directory that was new is left as it was (empty or absent)."""
+        if self.begun or not self.new_dir or not self.output_dir.is_dir():
+            return
+        remove_igea_files(self.output_dir, keep=(LOCK_FILE,))
+        (self.output_dir / LOCK_FILE).unlink(missing_ok=True)
+        if not os.listdir(self.output_dir):
+            self.output_dir.rmdir()
+
+
+def plan_run(config: dict[str, Any], output_dir: Path, resume: bool, overwrite: bool,
+             allow_config_change: bool) -> RunStart:
+    """With the directory locked (and checked again, now that no other run can start): pick the checkpoint to
+    resume from and compare the config with the one the run started with. Writes nothing."""
+    check_output_dir(output_dir, resume=resume, overwrite=overwrite)
+    new_dir = not any(entry != LOCK_FILE for entry in os.listdir(output_dir))
+    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    if resume and checkpoint is None:
+        logger.warning("--resume: no complete checkpoint in %s, starting from the beginning", output_dir)
+        return RunStart(output_dir, config, new_dir=new_dir)
+    if checkpoint is None:
+        return RunStart(output_dir, config, new_dir=new_dir)
+    started = start_record(output_dir).get("config")
+    changes = changed_settings(started, config) if started else {}
+    if changes and not allow_config_change:
+        listed = "; ".join(f"{key}: {show(old)} -> {show(new)}" for key, (old, new) in list(changes.items())[:6])
+        raise IgeaError(
+            f"--resume: the config differs from the one this run was started with ({listed}); resume with the "
+            "original settings, or add --allow-config-change (Python: allow_config_change=True) to continue with "
+            "the new ones on purpose (the run's record keeps both)"
+        )
+    logger.info("resuming from %s", checkpoint)
+    return RunStart(output_dir, config, checkpoint, changes)
+
+
+def start_record(output_dir: Path) -> dict[str, Any]:
+    """What `igea_start.json` says: the config the run started with, and its resumes (empty for runs an older
+    igea started)."""
+    path = output_dir / START_MARKER
+    if not path.is_file():
+        logger.warning("%s has no %s (an older igea started it): its starting config is unknown", output_dir,
+                       START_MARKER)
+        return {}
+    return read_json(path)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One run per directory
+
+
+class RunLock:
+    """`output_dir/igea.lock`, created exclusively: a second run on the same directory is refused at once.
+
+    A lock left by a process that no longer runs on this host is stale: it is taken over, with a log line. A lock
+    held from another host cannot be checked; the error says how to remove it when that run is surely gone.
+    Locks are re-entrant within a process (`igea.run` holds it across `igea.train`).
+    """
+
+    _held: dict[Path, int] = {}
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = (output_dir / LOCK_FILE).resolve()
+
+    def __enter__(self) -> RunLock:
+        if self._held.get(self.path, 0) == 0:
+            self._acquire()
+        self._held[self.path] = self._held.get(self.path, 0) + 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._held[self.path] -= 1
+        if self._held[self.path] == 0:
+            del self._held[self.path]
+            self.path.unlink(missing_ok=True)
+
+    def _acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if not self._is_stale(holder):
+                    raise IgeaError(self._busy_message(holder)) from None
+                logger.warning("%s: taking over the lock of process %s, which no longer runs", self.path.parent,
+                               holder.get("pid"))
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(owner, f)
+            return
+        raise IgeaError(f"training.output_dir: could not lock '{self.path.parent}' (another run keeps taking it)")
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            holder = read_json(self.path)
+        except (OSError, ValueError):
+            return {}  # being written right now, or damaged: treated as held, checked again next time
+        return holder if isinstance(holder, dict) else {}
+
+    @staticmethod
+    def _is_stale(holder: dict[str, Any]) -> bool:
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _busy_message(self, holder: dict[str, Any]) -> str:
+        who = (f"process {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+               if holder else "another process")
+        hint = ("; if that run is gone (e.g. its machine was lost), delete the lock file and retry"
+                if holder.get("host") not in (None, socket.gethostname()) else "")
+        return (f"training.output_dir: '{self.path.parent}' is in use by another igea run ({who}); wait for it "
+                f"to end or choose another output_dir{hint}: {self.path}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: completion marker with checksums, verification, rotation
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoints that hold igea's completion marker, oldest first (not yet verified)."""
+    return [p for p in _checkpoint_dirs(output_dir) if (p / CHECKPOINT_MARKER).is_file()]
+
+
+def file_checksum(path: Path) -> str:
+    """A fast non-cryptographic checksum of a file's bytes (xxh3-64, which datasets already depends on)."""
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file of a checkpoint (but the marker) with its size and checksum, by path relative to it."""
+    return {
+        str(path.relative_to(folder)): {"size": path.stat().st_size, "xxh3": file_checksum(path)}
+        for path in sorted(folder.rglob("*")) if path.is_file() and path.name != CHECKPOINT_MARKER
+    }
+
+
+def mark_checkpoint_complete(folder: Path, extra: dict[str, Any]) -> None:
+    """Write the completion marker of a checkpoint whose files are all on disk."""
+    write_json_atomic(folder / CHECKPOINT_MARKER, {**extra, "files": checkpoint_files(folder)})
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a marked checkpoint cannot be trusted (a file missing, resized or changed), or None when it can."""
+    try:
+        recorded = read_json(folder / CHECKPOINT_MARKER).get("files")
+    except (OSError, ValueError, AttributeError):
+        return f"its {CHECKPOINT_MARKER} is unreadable"
+    if recorded is None:
+        return None  # marked by an igea version that recorded no checksums
+    for name, expected in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size:,} bytes, {expected['size']:,} when it was saved"
+        if file_checksum(path) != expected["xxh3"]:
+            return f"{name} changed since it was saved (checksum differs)"
+    return None
+
+
+def last_complete_checkpoint(output_dir: Path, verify: bool = True) -> Path | None:
+    """The newest checkpoint that was written to the end and, with `verify`, whose files are as they were saved.
+
+    A damaged checkpoint is skipped with a warning naming the file, and the one before it is tried.
+    """
+    for folder in reversed(complete_checkpoints(output_dir)):
+        problem = checkpoint_problem(folder) if verify else None
+        if problem is None:
+            return folder
+        logger.warning("%s cannot be resumed from: %s; trying the checkpoint before it", folder.name, problem)
+    return None
+
+
+def rotate_checkpoints(output_dir: Path, keep: int | None, protect: tuple[Path, ...] = ()) -> None:
+    """Keep the newest `keep` complete checkpoints (and `protect`), delete older checkpoints.
+
+    Runs after the newest checkpoint's marker is written, so a complete checkpoint always exists on disk.
+    """
+    if not keep or keep <= 0:
+        return
+    complete = complete_checkpoints(output_dir)
+    kept = set(complete[-keep:]) | {Path(p) for p in protect}
+    newest = checkpoint_step(complete[-1]) if complete else -1
+    for folder in _checkpoint_dirs(output_dir):
+        if folder not in kept and checkpoint_step(folder) < newest:
+            logger.info("deleting %s (training.save_total_limit: %d)", folder.name, keep)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_checkpoints_after(output_dir: Path, checkpoint: Path) -> None:
+    """Delete checkpoints newer than the one a run resumes from: they are incomplete or damaged, and training
+    writes those steps again."""
+    for folder in _checkpoint_dirs(output_dir):
+        if checkpoint_step(folder) > checkpoint_step(checkpoint):
+            logger.warning("deleting %s: it is incomplete or damaged; training continues from %s", folder.name,
+                           checkpoint.name)
+            shutil.rmtree(folder)

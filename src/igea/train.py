@@ -2,29 +2,44 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from igea.config import IgeaConfig
 from igea.data import PreparedData, prepare_dataset, source_label
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import IGNORE_INDEX, NextTokenMetrics, argmax_and_nll, perplexity
-from igea.modeling import base_model_path, load_causal_lm, load_tokenizer, model_context_length
+from igea.modeling import base_model_path, load_causal_lm, load_tokenizer
+from igea.preemption import CheckpointOnStop, Preempted, stop_on_signals
+from igea.preflight import check_before_training, check_block_size
 from igea.rundir import (
     BEFORE_METRICS,
     CHECKPOINT_MARKER,
     RUN_MARKER,
+    RunLock,
+    RunStart,
     check_output_dir,
-    last_complete_checkpoint,
+    mark_checkpoint_complete,
+    plan_run,
+    read_json,
+    rotate_checkpoints,
+    start_record,
     write_json_atomic,
 )
 
@@ -39,6 +54,7 @@ class RunResult:
     output_dir: Path
     metrics: dict[str, Any]
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    layout: dict[str, Any] = field(default_factory=dict)
 
 
 class BlockCollator:
@@ -60,58 +76,142 @@ class BlockCollator:
         return batch
 
 
-def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
-    """Continue pretraining the base model on the corpus; save weights, tokenizer and metrics in `output_dir`."""
-    output_dir = cfg.output_dir
+def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False,
+          allow_config_change: bool = False) -> RunResult:
+    """Continue pretraining the base model on the corpus; save weights, tokenizer and metrics in `output_dir`.
+
+    `resume` continues from the newest verified checkpoint and refuses a config that differs from the one the
+    run was started with, unless `allow_config_change`; `overwrite` replaces a finished run (igea's files only).
+    """
+    with open_run(cfg, resume, overwrite, allow_config_change) as start:
+        return train_started(cfg, start, finish=True)
+
+
+@contextmanager
+def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change: bool) -> Iterator[RunStart]:
+    """Check the output directory and lock it for this run (main process), then hand every process the same
+    `RunStart`. Nothing is written before the checks pass; the lock is released when the block ends, however it
+    ends, and a run that fails before it began training leaves a new directory as it found it.
+    """
     check_launch()
     if cfg.model.tiny is None:
         check_block_size(cfg)  # reads only the model's config: an unreachable hub id fails in seconds
-    args = training_arguments(cfg)  # before anything heavy or destructive: a bad recipe fails in a second
+    args = training_arguments(cfg)  # before anything is written: a bad recipe fails in a second
     log_layout(args)
-    check_output_dir(output_dir, resume=resume, overwrite=overwrite)
-    tokenizer = load_tokenizer(cfg)  # builds the tiny model first when the config asks for one
-    if cfg.model.tiny is not None:
-        check_block_size(cfg)
-    data = prepare_dataset(cfg, tokenizer)  # before the weights: a corpus problem shows up in seconds
+    state = PartialState()
+    if state.is_main_process:
+        check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+    with RunLock(cfg.output_dir) if state.is_main_process else nullcontext():
+        start = plan_run(cfg.to_dict(), cfg.output_dir, resume, overwrite, allow_config_change) \
+            if state.is_main_process else None
+        if state.num_processes > 1:
+            start = broadcast_object_list([start])[0]
+        try:
+            yield start
+        except BaseException as err:
+            if state.is_main_process:
+                start.abandon()
+            if isinstance(err, Exception) and disk_full(err, cfg.output_dir):
+                raise IgeaError(f"no space left on the device of {cfg.output_dir} ({first_line(err)}); free some "
+                                "space, then continue with --resume") from err
+            raise
+
+
+def disk_full(err: Exception, path: Path) -> bool:
+    """Was `err` caused by a full disk? torch.save reports it only as a failed write, so the free space of
+    `path` is asked too."""
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err):
+        return True
+    if isinstance(err, RuntimeError) and "inline_container" in str(err):
+        try:
+            return shutil.disk_usage(path).free < 64 * 2**20
+        except OSError:
+            return False
+    return False
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
+    """The training itself, in a directory `open_run` prepared; `finish` writes the finished-run marker."""
+    args = training_arguments(cfg)
+    state = PartialState()
+    with state.main_process_first():  # one process builds the tiny model and the packed blocks, the others read
+        tokenizer = load_tokenizer(cfg)  # builds the tiny model first when the config asks for one
+        check_before_training(cfg, tokenizer)
+        data = prepare_dataset(cfg, tokenizer)  # before the weights: a corpus problem shows up in seconds
     model = load_causal_lm(base_model_path(cfg), cfg.model)
     if cfg.data.packing == "documents":
         model.config.use_cache = False  # with a cache, restarting position_ids do not mask across documents
     metrics: dict[str, Any] = {"data": data.stats}
-    if not resume:  # a run started afresh never reuses the base-model metrics of an abandoned one
-        (output_dir / BEFORE_METRICS).unlink(missing_ok=True)
     trainer = build_trainer(cfg, args, model, tokenizer, data)
+    if trainer.is_world_process_zero():
+        start.begin(framework_versions(), keep=("base-model",) if cfg.model.tiny is not None else ())
+    trainer.accelerator.wait_for_everyone()
     if data.validation is not None and cfg.eval.before_training:
-        metrics["before"] = evaluate_before(trainer, output_dir)
-    checkpoint = last_complete_checkpoint(output_dir) if resume else None
-    if resume and checkpoint is None:
-        logger.warning("--resume: no complete checkpoint in %s, starting from the beginning", output_dir)
-    elif checkpoint is not None:
-        logger.info("resuming from %s", checkpoint)
+        metrics["before"] = evaluate_before(trainer, cfg)
+    checkpoint = start.checkpoint
+    if checkpoint is not None:
         trainer.restore_tokens_seen(checkpoint)
-    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics["train"] = train_output.metrics
+    if checkpoint is not None and training_finished_in(trainer, checkpoint):
+        metrics["train"] = restore_finished_training(trainer, checkpoint)
+    else:
+        with stop_on_signals() as stop:
+            trainer.add_callback(CheckpointOnStop(stop, trainer.accelerator))
+            train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+            raise Preempted(
+                f"stopped by {stop.name} at step {trainer.state.global_step} of {trainer.state.max_steps}; "
+                f"checkpoint-{trainer.state.global_step} is saved: continue with --resume "
+                "(Python: resume=True)", stop.signum)
+        metrics["train"] = train_output.metrics
     if trainer.sources:
         metrics["data"]["tokens_seen"] = trainer.tokens_seen_per_source()
         logger.info("training tokens per source: %s", metrics["data"]["tokens_seen"])
     if data.validation is not None:
         metrics["after"] = evaluate_trainer(trainer)
-    save_run(trainer, cfg, metrics)
-    return RunResult(output_dir, metrics, trainer.state.log_history)
+    result = save_run(trainer, cfg, metrics, start)
+    if finish and trainer.is_world_process_zero():
+        mark_finished(cfg, result)
+    return result
+
+
+def training_finished_in(trainer: Trainer, checkpoint: Path) -> bool:
+    """True when `checkpoint` is the last step of the run (the run was stopped while saving its results)."""
+    state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    max_steps = trainer.args.max_steps
+    if max_steps <= 0:
+        max_steps = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    return state.global_step >= max_steps
+
+
+def restore_finished_training(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
+    """Load the final weights and state of a run whose training had ended; train nothing more."""
+    logger.info("%s is the last step of the run: nothing left to train, saving its results", checkpoint.name)
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    return {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+            "total_flos": trainer.state.total_flos}
 
 
 class IgeaTrainer(Trainer):
     """The transformers Trainer, plus what continued pretraining needs from it:
 
     - a NaN/inf loss stops the run before it reaches a checkpoint;
-    - every checkpoint gets a completion marker once all of it is on disk (resume skips the others);
+    - every checkpoint gets a completion marker with its files' sizes and checksums once all of it is on disk
+      (resume verifies it and skips the others); old checkpoints are rotated out only after that;
     - with mixed corpora, the tokens each source supplied are counted (and kept across a resume);
     - the eval loss is token-weighted, exact however the blocks were batched or spread over processes.
     """
 
     def __init__(self, *args: Any, stop_on_nonfinite_loss: bool = True, sources: list[str] | None = None,
-                 **kwargs: Any) -> None:
+                 save_total_limit: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
+        self.save_total_limit = save_total_limit  # applied by igea after the completion marker, not by the Trainer
         self.sources = sources or []
         self.source_tokens = torch.zeros(len(self.sources), dtype=torch.long)
 
@@ -145,12 +245,18 @@ class IgeaTrainer(Trainer):
         return output
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.is_world_process_zero():
+            (folder / CHECKPOINT_MARKER).unlink(missing_ok=True)  # a folder saved again is incomplete until marked
+        super()._save_checkpoint(model, trial)  # the Trainer rotates nothing (igea holds save_total_limit)
         self.accelerator.wait_for_everyone()  # every rank has written its part (RNG states, shards)
         seen = self.tokens_seen_per_source()  # a collective: every rank takes part
         if self.is_world_process_zero():
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            write_json_atomic(folder / CHECKPOINT_MARKER, {"global_step": self.state.global_step, "tokens_seen": seen})
+            mark_checkpoint_complete(folder, {"global_step": self.state.global_step, "tokens_seen": seen})
+            best = self.state.best_model_checkpoint
+            rotate_checkpoints(run_dir, self.save_total_limit, protect=(Path(best),) if best else ())
+        self.accelerator.wait_for_everyone()
 
     def restore_tokens_seen(self, checkpoint: Path) -> None:
         """Carry the per-source token counts of a checkpoint into a resumed run (held by the main process)."""
@@ -163,6 +269,7 @@ def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, da
     """igea's Trainer over the packed blocks, with next-token accuracy as its metric."""
     return IgeaTrainer(
         stop_on_nonfinite_loss=cfg.training.get("stop_on_nonfinite_loss", True),
+        save_total_limit=cfg.training.get("save_total_limit"),
         sources=[source_label(s) for s in cfg.data.sources] if len(cfg.data.sources) > 1 else None,
         model=model,
         args=args,
@@ -175,18 +282,20 @@ def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, da
     )
 
 
-def evaluate_before(trainer: Trainer, output_dir: Path) -> dict[str, float]:
-    """Metrics of the base model, computed once and kept in the run dir so that a resumed run reuses them."""
-    path = output_dir / BEFORE_METRICS
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+def evaluate_before(trainer: Trainer, cfg: IgeaConfig) -> dict[str, float]:
+    """Metrics of the base model, computed once and kept in the run dir so that a resumed run reuses them,
+    as long as the model and the data settings are those they were computed with."""
+    path = cfg.output_dir / BEFORE_METRICS
+    inputs = {"model": cfg.to_dict()["model"], "data": cfg.to_dict()["data"]}
+    saved = read_json(path) if path.is_file() else {}
+    if saved.get("inputs") == json.loads(json.dumps(inputs, default=str)):
+        return saved["metrics"]
     metrics = evaluate_trainer(trainer)
     # accelerate marks a model prepared for evaluation as prepared for good, and `train()` would then skip
     # the DDP wrapper: every rank would train its own copy (accelerate 1.15, transformers 5.24)
     trainer.model.__dict__.pop("_is_accelerate_prepared", None)
     if trainer.is_world_process_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, metrics)
+        write_json_atomic(path, {"inputs": inputs, "metrics": metrics})
     return metrics
 
 
@@ -213,6 +322,7 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
         section["warmup_steps"] = float(ratio)
     total = section.pop("total_train_batch_size", None)
     section.pop("stop_on_nonfinite_loss", None)
+    section.pop("save_total_limit", None)  # igea rotates checkpoints itself, after marking the new one complete
     if total is not None:
         section["gradient_accumulation_steps"] = accumulation_for(total, section, world_size())
     if cfg.data.token_budget is not None:
@@ -281,37 +391,44 @@ def steps_for_budget(tokens: int, block_size: int, section: dict[str, Any]) -> i
     return max(1, math.ceil(tokens / per_step))
 
 
-def check_block_size(cfg: IgeaConfig) -> None:
-    """Refuse blocks longer than the positions the model was built for."""
-    context = model_context_length(base_model_path(cfg), cfg.model)
-    if context is not None and cfg.data.block_size > context:
-        raise ConfigError(
-            f"data.block_size: {cfg.data.block_size} is longer than the model's context ({context} positions)"
-        )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Final outputs
 
 
-def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any]) -> None:
-    """Final weights (safetensors), tokenizer, metrics.json and, last, the finished-run marker.
+def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any], start: RunStart) -> RunResult:
+    """Final weights (safetensors), tokenizer, metrics.json and log_history.json; the run is not yet marked
+    finished (`mark_finished` does that, last).
 
     The model is saved into a staging directory and each file renamed into place, so no reader (nor a crash)
-    ever sees a half-written weight file next to a finished-run marker.
+    ever sees a half-written weight file.
     """
     out = cfg.output_dir
     staging = out / ".final.tmp"
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)  # left by a run stopped while saving
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
+    result = RunResult(out, metrics, trainer.state.log_history, batch_layout(trainer.args))
     if not trainer.is_world_process_zero():
-        return
+        return result
     for item in staging.iterdir():
         os.replace(item, out / item.name)
     staging.rmdir()
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "log_history.json", trainer.state.log_history)
-    write_json_atomic(out / RUN_MARKER, {"config": cfg.to_dict(), "versions": framework_versions(),
-                                         "layout": batch_layout(trainer.args), "metrics": metrics})
+    return result
+
+
+def mark_finished(cfg: IgeaConfig, result: RunResult) -> None:
+    """Write `igea_run.json`, the marker of a finished run: config, versions, layout, metrics, and each resume
+    (with the settings it changed, and the config the run started with when any did)."""
+    started = start_record(cfg.output_dir)
+    resumes = started.get("resumes", [])
+    write_json_atomic(cfg.output_dir / RUN_MARKER, {
+        "config": cfg.to_dict(), "versions": framework_versions(), "layout": result.layout,
+        "metrics": result.metrics, "started": started.get("started"), "resumes": resumes,
+        "started_with": started.get("config") if any(r.get("changes") for r in resumes) else None,
+    })
 
 
 def batch_layout(args: TrainingArguments) -> dict[str, Any]:
