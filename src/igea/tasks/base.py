@@ -7,6 +7,7 @@ Built-in, local and lm-eval tasks all end up as a `MultipleChoiceTask` whose ite
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -67,10 +68,10 @@ def sample_examples(pool: Sequence[T], n: int, exclude: T | None = None, rnd: ra
     if n == 0:
         return []
     if rnd is None:
-        return [x for x in pool if x != exclude][:n] if exclude is not None else list(pool[:n])
+        return list(itertools.islice((x for x in pool if x != exclude), n)) if exclude is not None else list(pool[:n])
     if exclude is None:
-        return rnd.sample(list(pool), n)
-    drawn = [x for x in rnd.sample(list(pool), n + 1) if x != exclude][:n]
+        return rnd.sample(pool, n)
+    drawn = [x for x in rnd.sample(pool, n + 1) if x != exclude][:n]
     if len(drawn) < n:  # copies of `exclude` were drawn: draw again from the pool without them
         drawn = rnd.sample([x for x in pool if x != exclude], n)
     return drawn

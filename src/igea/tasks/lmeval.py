@@ -158,7 +158,9 @@ def _check_dataset(spec: LmEvalTaskSpec, where: str) -> None:
                           "(the question files)")
     by_split = files if isinstance(files, dict) else {"train": files}
     for paths in by_split.values():
-        for name in [paths] if isinstance(paths, str) else paths:
+        for name in paths if isinstance(paths, list) else [paths]:
+            if not isinstance(name, str):
+                raise ConfigError(f"{where}: dataset_kwargs.data_files: expected file paths, got {name!r}")
             if not glob.glob(str(Path(name).expanduser())):
                 raise ConfigError(f"{where}: dataset_kwargs.data_files: '{name}' does not exist (relative paths "
                                   "are read from the current directory, as lm-eval reads them)")
@@ -181,12 +183,9 @@ def load_lm_eval_task(
     docs = (dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset).to_list()
     if not docs:
         raise IgeaError(f"task '{name}': split '{split}' of '{spec.dataset_path}' has no questions")
-    formats = {
-        "question": _Format(spec.doc_to_text, spec.doc_to_choice, spec.doc_to_target, columns),
-        "example": _Format(fewshot.doc_to_text or spec.doc_to_text, fewshot.doc_to_choice or spec.doc_to_choice,
-                           fewshot.doc_to_target if fewshot.doc_to_target is not None else spec.doc_to_target,
-                           columns),
-    }
+    question = _Format(spec.doc_to_text, spec.doc_to_choice, spec.doc_to_target, columns)
+    example = _Format(fewshot.doc_to_text or spec.doc_to_text, fewshot.doc_to_choice or spec.doc_to_choice,
+                      fewshot.doc_to_target if fewshot.doc_to_target is not None else spec.doc_to_target, columns)
     delimiters = (fewshot.target_delimiter if fewshot.target_delimiter is not None else spec.target_delimiter,
                   fewshot.fewshot_delimiter if fewshot.fewshot_delimiter is not None else spec.fewshot_delimiter)
     pool: list[dict[str, Any]] = []
@@ -207,11 +206,10 @@ def load_lm_eval_task(
             drawn = sample_examples(pool, shots, doc if exclude_self else None, rnd)
             if len(drawn) < shots:
                 raise ValueError(f"num_fewshot={shots} but only {len(drawn)} other examples in '{pool_split}'")
-            examples = "".join(formats["example"].example(s, *delimiters) for s in drawn)
-        description = _description(spec.description, doc)
-        choices = formats["question"].choices(doc)
-        return Item(description + examples + formats["question"].text(doc), tuple(choices),
-                    formats["question"].gold(doc, choices))
+            examples = "".join(example.example(s, *delimiters) for s in drawn)
+        choices = question.choices(doc)
+        return Item(_description(spec.description, doc) + examples + question.text(doc), tuple(choices),
+                    question.gold(doc, choices))
 
     where = f"task '{name}': {spec.dataset_path} ({split})"
     items = [checked(to_item, doc, f"{where} row {i}") for i, doc in enumerate(docs)]
