@@ -5,7 +5,8 @@ abstracts (an opening, continued by its own next words or by another abstract's)
 same (context, continuation) requests: lm-eval's HFLM `loglikelihood` (one sequence per choice) and igea's
 `loglikelihoods` (one pass per prompt, then all choices over its key/value cache). The script prints both
 wall times (best of --repeats, interleaved), their ratio and the largest log-likelihood difference, then one
-end-to-end run of each (`lm_eval.simple_evaluate` vs `igea.tasks.run_tasks`, task file to accuracy).
+end-to-end run of each (`lm_eval.simple_evaluate` vs `igea.tasks.run_tasks`, task file to accuracy), igea
+reading both its own task file and lm-eval's.
 
     python bench/bench_mc_eval.py            # 100 questions x 4 choices, 0- and 5-shot
     python bench/bench_mc_eval.py --quick    # a smoke run in seconds
@@ -156,9 +157,15 @@ def time_end_to_end(
     start = time.perf_counter()
     ours = run_tasks(model, tokenizer, [str(igea_task)], EvalConfig(num_fewshot=shots, batch_size=batch_size))
     ours_s = time.perf_counter() - start
+    start = time.perf_counter()  # lm-eval's own task file, read by igea
+    same_file = run_tasks(model, tokenizer, [str(lm_eval_dir / "cloze.yaml")],
+                          EvalConfig(num_fewshot=shots, batch_size=batch_size))
+    same_file_s = time.perf_counter() - start
     print(f"end to end, {shots}-shot: simple_evaluate {theirs_s:.2f} s, run_tasks {ours_s:.2f} s, "
           f"speedup {theirs_s / ours_s:.2f}x; acc_norm {theirs['results']['cloze']['acc_norm,none']:.4f} "
           f"vs {ours['cloze']['acc_norm']:.4f}")
+    print(f"end to end, {shots}-shot, lm-eval's task file: run_tasks {same_file_s:.2f} s, "
+          f"speedup {theirs_s / same_file_s:.2f}x; acc_norm {same_file['cloze']['acc_norm']:.4f}")
 
 
 def main() -> None:

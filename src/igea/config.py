@@ -238,6 +238,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+BUILTIN_TASK_NAMES = ("arc_it", "hellaswag_it", "medmcqa_ita", "mmlu_it")
+"""The built-in multiple-choice tasks (defined in igea.tasks); any other `eval.tasks` entry is a file."""
+TASK_FILE_SUFFIXES = (".yaml", ".yml")
+"""An igea task file or an lm-eval task file."""
+QUESTION_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+"""A local question file (columns question, choices, answer)."""
+
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.encoding_errors": ("strict", "replace", "ignore"),
@@ -552,11 +559,25 @@ def _check_values(cfg: IgeaConfig) -> None:
     for i, prompt in enumerate(g.prompts):
         if not prompt.strip():
             raise ConfigError(f"generation.prompts[{i}]: an empty prompt is not allowed; give the text to continue")
-    from igea.tasks import check_task_names  # igea.tasks builds on this module
-
     check_task_names(e.tasks)
     if e.batch_size < 1:
         raise ConfigError(f"eval.batch_size: {show(e.batch_size)} is not allowed; it must be at least 1")
+
+
+def check_task_names(names: list[str], key: str = "eval.tasks") -> None:
+    """Each name is a built-in task or an existing task or question file (igea.tasks.load_tasks reads them)."""
+    for name in names:
+        if name in BUILTIN_TASK_NAMES:
+            continue
+        if name.lower().endswith(TASK_FILE_SUFFIXES + QUESTION_FILE_SUFFIXES):
+            if not Path(name).expanduser().is_file():
+                raise ConfigError(f"{key}: task file '{name}' does not exist")
+            continue
+        raise ConfigError(
+            f"{key}: unknown task '{name}'; known tasks: {', '.join(BUILTIN_TASK_NAMES)} "
+            "(or a .yaml task file: igea's or lm-eval's, or a .jsonl/.csv/.parquet file with question, choices "
+            "and answer columns)"
+        )
 
 
 def _check_streaming(d: DataConfig, training: dict[str, Any]) -> None:

@@ -9,15 +9,14 @@ from transformers import PreTrainedTokenizerBase
 from igea.config import IgeaConfig
 from igea.errors import ConfigError
 from igea.modeling import base_model_path, model_context_length
-from igea.tasks import load_task
+from igea.tasks import load_tasks
 
 
 def check_before_training(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """Block size and generation lengths against the model's context; every `eval.tasks` entry readable."""
     context = check_block_size(cfg)
     check_generation_fits(cfg, tokenizer, context)
-    for name in cfg.eval.tasks:
-        load_task(name, cfg.eval.num_fewshot, cfg.eval.limit)
+    load_tasks(cfg.eval.tasks, cfg.eval)  # built-in ones are downloaded now, or fail at once when offline
 
 
 def check_block_size(cfg: IgeaConfig) -> int | None:
