@@ -15,7 +15,8 @@ from conftest import write_config
 
 pytestmark = pytest.mark.slow
 
-ACCELERATE = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = ROOT / "configs" / "accelerate"
 
 
 def two_process_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path) -> Path:
@@ -47,6 +48,30 @@ def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_model_di
     losses = {name: [e["loss"] for e in json.loads((tmp_path / name / "log_history.json").read_text())
                      if "loss" in e] for name in ("one", "two")}
     assert losses["one"] == pytest.approx(losses["two"], abs=1e-3)
+
+
+def test_the_readme_multi_process_commands_run_from_a_fresh_output_dir(tmp_path):
+    """README's two CPU data-parallel commands on the demo config, nothing prepared: the rank that builds the
+    tiny model and the blocks goes first, the other reads them; both match one process at the same batch."""
+    common = ["training.max_steps=6", "training.eval_steps=6", "training.save_steps=6", "training.logging_steps=3",
+              "training.total_train_batch_size=16", "generation.max_new_tokens=8"]
+    igea = ["-m", "igea", "train", "configs/demo.yaml"]
+    commands = {
+        "one": [sys.executable, *igea],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *igea,
+                     "training.ddp_backend=gloo"],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       "configs/accelerate/cpu-2proc.yaml", *igea],
+    }
+    runs = {}
+    for name, command in commands.items():
+        done = subprocess.run([*command, f"training.output_dir={tmp_path / name}", *common], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+        runs[name] = json.loads((tmp_path / name / "igea_run.json").read_text())
+    assert [runs[n]["layout"]["num_devices"] for n in commands] == [1, 2, 2]
+    losses = [runs[n]["metrics"]["after"]["eval_loss"] for n in commands]
+    assert max(losses) - min(losses) < 1e-4, losses
 
 
 def test_a_launch_that_silently_started_one_process_is_refused(tiny_model_dir, corpus_file, tmp_path, capsys,
