@@ -83,6 +83,28 @@ def test_a_launch_that_silently_started_one_process_is_refused(tiny_model_dir, c
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_sharded_strategy_on_a_machine_without_gpus_is_refused(flag, tiny_model_dir, corpus_file, tmp_path,
+                                                                capsys, monkeypatch):
+    """accelerate would run FSDP or DeepSpeed configs on CPU as plain DDP, with nothing sharded and no word."""
+    monkeypatch.setenv(flag, "true")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["train", str(two_process_config(tmp_path, "cpu", tiny_model_dir, corpus_file))]) == 2
+    assert "accelerate runs only on GPUs" in capsys.readouterr().err
+    assert not (tmp_path / "cpu").exists()
+
+
+def test_processes_that_did_not_join_one_group_are_refused(tiny_model_dir, corpus_file, tmp_path, capsys,
+                                                          monkeypatch):
+    """torchrun on CPU without use_cpu / gloo: each process would train alone, over the same directory."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    config = two_process_config(tmp_path, "alone", tiny_model_dir, corpus_file)
+    assert main(["train", str(config), "training.use_cpu=false"]) == 2
+    assert "did not join one process group" in capsys.readouterr().err
+    assert not (tmp_path / "alone").exists()
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in ACCELERATE.glob("*.yaml")))
 def test_shipped_accelerate_configs_are_valid(name):
     from accelerate.commands.config.config_args import load_config_from_file

@@ -97,6 +97,7 @@ def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change
     if cfg.model.tiny is None:
         check_block_size(cfg)  # reads only the model's config: an unreachable hub id fails in seconds
     args = training_arguments(cfg)  # before anything is written: a bad recipe fails in a second
+    check_process_group(args)
     log_layout(args)
     state = PartialState()
     if state.is_main_process:
@@ -358,6 +359,25 @@ def check_launch() -> None:
             "the launcher asked for several processes but started one (world size 1): "
             "on CPU use `accelerate launch --multi_gpu --num_processes N` with training.use_cpu: true, "
             "or `torchrun --nproc_per_node N` with training.ddp_backend: gloo"
+        )
+    sharded = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+               if os.environ.get(flag, "false").lower() == "true"]
+    if sharded and not torch.cuda.is_available():
+        raise IgeaError(
+            f"the accelerate config asks for {sharded[0]}, which accelerate runs only on GPUs: on this machine it "
+            "would silently train plain data-parallel copies with nothing sharded; on CPU use "
+            "configs/accelerate/cpu-2proc.yaml"
+        )
+
+
+def check_process_group(args: TrainingArguments) -> None:
+    """Refuse processes that were launched together but did not join one group: each would train alone and
+    they would write over each other's run directory (on a CPU machine without `use_cpu` or a gloo backend)."""
+    launched = world_size()
+    if launched > 1 and args.world_size != launched:
+        raise IgeaError(
+            f"the launcher started {launched} processes but they did not join one process group (each would "
+            "train alone); on CPU set training.use_cpu: true or training.ddp_backend: gloo"
         )
 
 
