@@ -75,3 +75,19 @@ def test_train_from_the_command_line(tiny_model_dir, corpus_file, tmp_path, caps
     assert main(["train", str(config)]) == 2
     assert "holds a finished run" in capsys.readouterr().err
     assert main(["train", str(config), "--overwrite"]) == 0
+
+
+def test_import_igea_and_the_help_load_no_heavy_module():
+    """`import igea`, `igea --help` and `igea --version` stay fast: torch and transformers load on first use."""
+    code = ("import sys, igea; from igea.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_public_functions_named_like_their_modules_stay_functions():
+    code = ("import igea; igea.run; import igea.train, igea.evaluate, igea.generate; "
+            "print(all(callable(f) and not isinstance(f, type(igea)) for f in "
+            "(igea.train, igea.run, igea.evaluate, igea.generate)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"

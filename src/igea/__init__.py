@@ -1,31 +1,73 @@
-"""igea: continued (domain-adaptive) pretraining of small causal language models, from one YAML config."""
+"""igea: continued (domain-adaptive) pretraining of small causal language models, from one YAML config.
+
+`import igea` is fast: each public name is imported from its module on first use, so torch and the Trainer
+stack load only when a function that needs them is called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from igea.config import IgeaConfig, load_config
-from igea.data import PreparedData, prepare_dataset
-from igea.errors import ConfigError, IgeaError
-from igea.evaluate import evaluate
-from igea.generate import Completion, Generator, generate
-from igea.modeling import build_tiny_model, load_model
-from igea.run import run
-from igea.train import RunResult, train
+_EXPORTS = {
+    "Completion": "igea.generate",
+    "ConfigError": "igea.errors",
+    "Generator": "igea.generate",
+    "IgeaConfig": "igea.config",
+    "IgeaError": "igea.errors",
+    "PreparedData": "igea.data",
+    "RunResult": "igea.train",
+    "build_tiny_model": "igea.modeling",
+    "evaluate": "igea.evaluate",
+    "generate": "igea.generate",
+    "load_config": "igea.config",
+    "load_model": "igea.modeling",
+    "prepare_dataset": "igea.data",
+    "run": "igea.run",
+    "train": "igea.train",
+}
 
 __all__ = [
-    "Completion",
-    "ConfigError",
-    "Generator",
-    "IgeaConfig",
-    "IgeaError",
-    "PreparedData",
-    "RunResult",
-    "__version__",
-    "build_tiny_model",
-    "evaluate",
-    "generate",
-    "load_config",
-    "load_model",
-    "prepare_dataset",
-    "run",
-    "train",
+    "Completion", "ConfigError", "Generator", "IgeaConfig", "IgeaError", "PreparedData", "RunResult", "__version__",
+    "build_tiny_model", "evaluate", "generate", "load_config", "load_model", "prepare_dataset", "run", "train",
 ]
+
+if TYPE_CHECKING:  # what editors and type checkers see
+    from igea.config import IgeaConfig, load_config
+    from igea.data import PreparedData, prepare_dataset
+    from igea.errors import ConfigError, IgeaError
+    from igea.evaluate import evaluate
+    from igea.generate import Completion, Generator, generate
+    from igea.modeling import build_tiny_model, load_model
+    from igea.run import run
+    from igea.train import RunResult, train
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'igea' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """`igea.train`, `igea.run`, `igea.evaluate` and `igea.generate` are functions named like their modules:
+    when Python binds a just-imported submodule to the package, the function of that name is bound instead."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -10,8 +10,6 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from accelerate import PartialState
-
 import igea
 from igea.errors import IgeaError, one_line
 
@@ -105,6 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.allow_config_change and not args.resume:
         raise IgeaError("--allow-config-change goes with --resume")
     result = igea.run(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    from accelerate import PartialState
+
     if not PartialState().is_main_process:
         return 0
     summary = {split: {k: v for k, v in result.metrics[split].items() if k in SUMMARY_KEYS}
