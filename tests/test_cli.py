@@ -91,3 +91,16 @@ def test_public_functions_named_like_their_modules_stay_functions():
             "(igea.train, igea.run, igea.evaluate, igea.generate)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("preset", ["demo", "igea-1b"])
+def test_init_writes_a_commented_starter_config_that_loads(preset, tmp_path, capsys):
+    assert main(["init", "--preset", preset]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("#") and printed == (ROOT / "configs" / f"{preset}.yaml").read_text()
+    target = tmp_path / "my.yaml"
+    assert main(["init", "--preset", preset, "--output", str(target)]) == 0
+    cfg = igea.load_config(target)
+    assert cfg.training["learning_rate"] > 0
+    assert main(["init", "--output", str(target)]) == 2  # never replaces a file
+    assert "exists" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import igea
 from igea.errors import IgeaError, one_line
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"igea {igea.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for add in (add_train, add_prepare, add_generate, add_card, add_eval):
+    for add in (add_init, add_train, add_prepare, add_generate, add_card, add_eval):
         add(commands)
     return parser
 
@@ -82,6 +83,40 @@ def _command(commands, name: str, handler: Callable, help: str) -> argparse.Argu
     parser = commands.add_parser(name, help=help, description=help)
     parser.set_defaults(handler=handler)
     return parser
+
+
+# ----------------------------------------------------------------------------------------------------------
+# igea init
+
+
+def add_init(commands) -> None:
+    parser = _command(commands, "init", cmd_init, "print a commented starter config (a preset shipped with igea)")
+    parser.add_argument("--preset", default="demo", choices=preset_names(),
+                        help="demo: a tiny model on the sample corpus, runs on a laptop; igea-*: the card's recipes")
+    parser.add_argument("--output", metavar="FILE", help="write the config here instead of printing it")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    text = (PRESETS / f"{args.preset}.yaml").read_text(encoding="utf-8")
+    if not args.output:
+        print(text, end="")
+        return 0
+    target = Path(args.output)
+    if target.exists():
+        raise IgeaError(f"--output: '{target}' exists; igea init does not replace files")
+    if not target.parent.is_dir():
+        raise IgeaError(f"--output: directory '{target.parent}' does not exist")
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}: edit it, then `igea train {target}`", file=sys.stderr)
+    return 0
+
+
+PRESETS = Path(__file__).parent / "configs"
+"""The configs shipped with igea (the repository's `configs/` is a link to them)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,8 +211,6 @@ def add_card(commands) -> None:
 
 
 def cmd_card(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from igea.report import write_report
 
     print(write_report(Path(args.run_dir)))
