@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 
 from accelerate import PartialState
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args) or 0
     except IgeaError as err:
         if args.debug:
-            raise
+            traceback.print_exc()  # the traceback, and still the user error's exit code
         print(f"igea: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from igea.config import IgeaConfig
 from igea.data import PreparedData, prepare_dataset, source_label
 from igea.errors import ConfigError, IgeaError
+from igea.lora import apply_lora, check_peft, save_adapter
 from igea.metrics import IGNORE_INDEX, NextTokenMetrics, argmax_and_nll, perplexity
 from igea.modeling import base_model_path, load_causal_lm, load_tokenizer, model_context_length
 from igea.rundir import (
@@ -27,6 +28,7 @@ from igea.rundir import (
     last_complete_checkpoint,
     write_json_atomic,
 )
+from igea.tracking import attach_tracking, check_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> Run
     if cfg.model.tiny is None:
         check_block_size(cfg)  # reads only the model's config: an unreachable hub id fails in seconds
     args = training_arguments(cfg)  # before anything heavy or destructive: a bad recipe fails in a second
+    check_report_to(args.report_to)  # tracking: each integration's package is installed
+    if cfg.peft is not None:
+        check_peft(cfg)  # lora: peft is installed, the adapter's modules exist
     log_layout(args)
     check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     tokenizer = load_tokenizer(cfg)  # builds the tiny model first when the config asks for one
@@ -74,6 +79,8 @@ def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> Run
         check_block_size(cfg)
     data = prepare_dataset(cfg, tokenizer)  # before the weights: a corpus problem shows up in seconds
     model = load_causal_lm(base_model_path(cfg), cfg.model)
+    if cfg.peft is not None:
+        model = apply_lora(model, cfg)  # lora: only the adapters (and peft.modules_to_save) train
     if cfg.data.packing == "documents":
         model.config.use_cache = False  # with a cache, restarting position_ids do not mask across documents
     metrics: dict[str, Any] = {"data": data.stats}
@@ -161,7 +168,7 @@ class IgeaTrainer(Trainer):
 
 def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, data: PreparedData) -> Trainer:
     """igea's Trainer over the packed blocks, with next-token accuracy as its metric."""
-    return IgeaTrainer(
+    trainer = IgeaTrainer(
         stop_on_nonfinite_loss=cfg.training.get("stop_on_nonfinite_loss", True),
         sources=[source_label(s) for s in cfg.data.sources] if len(cfg.data.sources) > 1 else None,
         model=model,
@@ -173,6 +180,8 @@ def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, da
         compute_metrics=NextTokenMetrics(),
         preprocess_logits_for_metrics=argmax_and_nll,
     )
+    attach_tracking(trainer, cfg)  # tracking: TensorBoard logs in the run dir, training.log_throughput
+    return trainer
 
 
 def evaluate_before(trainer: Trainer, output_dir: Path) -> dict[str, float]:
@@ -213,6 +222,7 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
         section["warmup_steps"] = float(ratio)
     total = section.pop("total_train_batch_size", None)
     section.pop("stop_on_nonfinite_loss", None)
+    section.pop("log_throughput", None)
     if total is not None:
         section["gradient_accumulation_steps"] = accumulation_for(total, section, world_size())
     if cfg.data.token_budget is not None:
@@ -302,7 +312,10 @@ def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any]) -> None
     """
     out = cfg.output_dir
     staging = out / ".final.tmp"
-    trainer.save_model(str(staging))
+    if cfg.peft is not None:  # lora: the adapter, the merged weights, and what was trained (for the card)
+        metrics["adapter"] = save_adapter(trainer, cfg.peft, staging)
+    else:
+        trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return
     for item in staging.iterdir():
