@@ -23,8 +23,9 @@ from conftest import config_dict, make_config, write_config
 
 train_module = importlib.import_module("igea.train")
 
-LORA = {"r": 8, "alpha": 16, "modules_to_save": ["lm_head"]}
+LORA = {"r": 8, "modules_to_save": ["lm_head"]}  # alpha: 2 r by default
 STEPS = {"learning_rate": 5e-3, "seed": 3}
+DATA = {"validation_split": 8}  # documents: a small held-out set keeps the evaluations short
 
 
 class Interrupted(Exception):
@@ -33,7 +34,8 @@ class Interrupted(Exception):
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, corpus_file, tmp_path_factory):
-    cfg = make_config(tmp_path_factory.mktemp("lora"), tiny_model_dir, corpus_file, peft=LORA, training=STEPS)
+    cfg = make_config(tmp_path_factory.mktemp("lora"), tiny_model_dir, corpus_file, peft=LORA, training=STEPS,
+                      data=DATA)
     return train_module.train(cfg)
 
 
@@ -94,7 +96,7 @@ def test_card_and_run_record_say_what_was_trained(lora_run, tiny_model_dir):
 
 @pytest.mark.slow
 def test_resume_after_a_checkpoint_is_bit_identical(lora_run, tiny_model_dir, corpus_file, tmp_path, monkeypatch):
-    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, peft=LORA, training=STEPS)
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, peft=LORA, training=STEPS, data=DATA)
     original = train_module.IgeaTrainer._save_checkpoint
 
     def save_then_die(self, model, trial):
@@ -118,7 +120,7 @@ def test_resume_after_a_checkpoint_is_bit_identical(lora_run, tiny_model_dir, co
 @pytest.mark.slow
 def test_unmerged_run_dir_loads_the_adapter_on_its_base(tiny_model_dir, corpus_file, tmp_path):
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, peft={**LORA, "merge": False},
-                      training={**STEPS, "max_steps": 3, "eval_strategy": "no", "save_strategy": "no"})
+                      training={**STEPS, "max_steps": 3, "save_strategy": "no"}, data={"validation_split": 0})
     out = train_module.train(cfg).output_dir
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     adapter_config = json.loads((out / "adapter_config.json").read_text())

@@ -27,7 +27,8 @@ def tracked_run(tiny_model_dir, corpus_file, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp)  # TensorBoard's own default is ./runs of the current directory
-        result = train_module.train(make_config(tmp, tiny_model_dir, corpus_file, training=TRACKED))
+        cfg = make_config(tmp, tiny_model_dir, corpus_file, training=TRACKED, data={"validation_split": 8})
+        result = train_module.train(cfg)
     assert not (tmp / "runs").exists()
     return result
 

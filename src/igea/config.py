@@ -163,8 +163,8 @@ class AdapterConfig:
 
     r: int = 16
     """Rank of each adapter's update matrices (its size grows linearly with it)."""
-    alpha: float = 32.0
-    """The update is scaled by alpha / r; keep alpha = 2 r when changing r to keep the same scale."""
+    alpha: float | None = None
+    """The update is scaled by alpha / r; by default alpha = 2 r (a scale of 2, whatever the rank)."""
     dropout: float = 0.0
     """Dropout on the adapters' input during training, in [0, 1)."""
     target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
@@ -520,7 +520,7 @@ def check_adapter_values(p: AdapterConfig) -> None:
     """Range checks of the `peft:` section (module names are checked against the model when it is known)."""
     if p.r < 1:
         raise ConfigError(f"peft.r: {p.r!r} is not allowed; it must be at least 1")
-    if p.alpha <= 0:
+    if p.alpha is not None and p.alpha <= 0:
         raise ConfigError(f"peft.alpha: {p.alpha!r} is not allowed; it must be greater than 0")
     if not 0 <= p.dropout < 1:
         raise ConfigError(f"peft.dropout: {p.dropout!r} is not allowed; it must be in [0, 1)")

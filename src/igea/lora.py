@@ -79,13 +79,18 @@ def wrap(model: PreTrainedModel, settings: AdapterConfig):
     check_module_names(model, "peft.target_modules", [] if targets == ALL_LINEAR else targets)
     check_module_names(model, "peft.modules_to_save", settings.modules_to_save)
     lora_config = LoraConfig(
-        task_type="CAUSAL_LM", r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        task_type="CAUSAL_LM", r=settings.r, lora_alpha=lora_alpha(settings), lora_dropout=settings.dropout,
         target_modules=targets, modules_to_save=settings.modules_to_save or None, use_dora=settings.use_dora,
     )
     try:
         return get_peft_model(model, lora_config)
     except ValueError as err:  # e.g. a named module of a kind peft cannot adapt
         raise ConfigError(f"peft: {str(err).strip().splitlines()[0]}") from None
+
+
+def lora_alpha(settings: AdapterConfig) -> float:
+    """`peft.alpha`, or 2 r when it is not set."""
+    return settings.alpha if settings.alpha is not None else 2.0 * settings.r
 
 
 def check_module_names(model: torch.nn.Module, key: str, names: list[str]) -> None:
@@ -104,12 +109,13 @@ def adapter_summary(peft_model, settings: AdapterConfig) -> dict[str, Any]:
     """What is trained: method, rank, modules, and trainable parameters against the base model's (for the card)."""
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in peft_model.parameters()) - trainable
+    adapter_config = peft_model.peft_config["default"]  # holds the names peft matched (all-linear expanded)
     return {
         "method": "DoRA" if settings.use_dora else "LoRA",
         "r": settings.r,
-        "alpha": settings.alpha,
+        "alpha": lora_alpha(settings),
         "dropout": settings.dropout,
-        "target_modules": sorted(peft_model.peft_config["default"].target_modules),
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in adapter_config.target_modules}),
         "modules_to_save": list(settings.modules_to_save),
         "trainable_parameters": trainable,
         "base_parameters": base,

@@ -200,7 +200,7 @@ def adapter_line(adapter: dict[str, Any] | None) -> str:
     """What a LoRA / DoRA run trained (recorded by igea.lora), or nothing for full training."""
     if not adapter:
         return ""
-    modules = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}))
+    modules = ", ".join(adapter["target_modules"])
     in_full = f"; trained in full: {', '.join(adapter['modules_to_save'])}" if adapter["modules_to_save"] else ""
     where = ("The weights here have the adapter merged in; the adapter alone is in `adapter/`." if adapter["merged"]
              else "This directory holds the adapter only: it loads on top of the base model (peft must be installed).")
