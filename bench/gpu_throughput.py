@@ -36,7 +36,6 @@ from datasets import Dataset
 from transformers import (
     MistralConfig,
     MistralForCausalLM,
-    PreTrainedModel,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -45,6 +44,7 @@ from transformers import (
 from igea.config import IgeaConfig, load_config
 from igea.data import PreparedData, pack_blocks
 from igea.modeling import DTYPES
+from igea.tracking import PEAK_BF16_TFLOPS, flops_per_token
 from igea.train import build_trainer, training_arguments
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "igea-1b.yaml"
@@ -52,8 +52,6 @@ MINERVA_1B = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads
               "intermediate_size": 7168, "vocab_size": 32768}
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 128, "vocab_size": 512}
-# Dense bf16 peak of each card, from NVIDIA's data sheets (without sparsity); the first name found wins.
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 @dataclass(frozen=True)
@@ -177,13 +175,6 @@ def sdpa_backend(name: str | None):
 
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     return sdpa_kernel(backends[name])
-
-
-def flops_per_token(model: PreTrainedModel, block_size: int) -> float:
-    """6 N + 12 L H T: matmul parameters forward and backward, plus attention scores and values."""
-    config = model.config
-    matmul_params = model.num_parameters() - model.get_input_embeddings().weight.numel()
-    return 6 * matmul_params + 12 * config.num_hidden_layers * config.hidden_size * block_size
 
 
 def peak_flops(device_name: str, override_tflops: float | None) -> float | None:

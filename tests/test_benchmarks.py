@@ -62,3 +62,14 @@ def test_gpu_benchmark_smoke_test_runs_every_default_variant_on_cpu():
     assert results["igea"]["bf16_autocast"] is True  # configs/igea-1b.yaml's recipe
     assert results["igea_documents"]["packing"] == "documents"
     assert results["plain"]["params"] == results["igea"]["params"]
+
+
+def test_lora_benchmark_trains_full_and_lora_on_the_same_model_and_batches():
+    *variants, summary = run_bench("bench_lora.py", "--quick")
+    full, lora = variants
+    assert (full["variant"], lora["variant"]) == ("full", "lora")
+    assert summary["lora_same_first_loss"]  # adapters start as the identity: same model, same batches
+    assert lora["trainable_params"] < full["trainable_params"] == full["params"]
+    assert lora["grads_mib"] < full["grads_mib"] and lora["optimizer_mib"] < full["optimizer_mib"]
+    assert all(v["tokens_per_s"] > 0 and v["peak_rss_mib"] > 0 for v in variants)
+    assert summary["lora_speed_ratio"] == pytest.approx(lora["tokens_per_s"] / full["tokens_per_s"], rel=1e-2)

@@ -38,8 +38,8 @@ def test_bad_override_exit_2(capsys):
 def test_debug_shows_the_traceback_and_keeps_exit_2(tmp_path, capsys):
     assert main(["--debug", "train", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and "ConfigError" in err
-    assert err.strip().splitlines()[-1].startswith("igea: error: config: file")
+    assert err.startswith("Traceback (most recent call last):") and "igea.errors.ConfigError" in err
+    assert err.splitlines()[-1].startswith("igea: error: config: file")
 
 
 def test_unreachable_hub_model_fails_fast_with_one_line(tmp_path):

@@ -1,6 +1,7 @@
 """YAML configs -> typed dataclasses, validated at load.
 
-A config has five sections: `model`, `data`, `training`, `generation`, `eval` (plus an optional `card`).
+A config has five sections: `model`, `data`, `training`, `generation`, `eval` (plus the optional `peft` and
+`card`).
 `training` is passed through to `transformers.TrainingArguments`, so any of its fields is valid there.
 Every problem is raised as one `ConfigError` line naming the key, the value and what is allowed.
 """
@@ -26,6 +27,9 @@ from igea.errors import ConfigError, show
 
 SAMPLE_CORPUS = "igea:sample"
 """`data.path` value that names the Italian biomedical sample corpus shipped inside the package."""
+
+ALL_LINEAR = "all-linear"
+"""`peft.target_modules` value that puts an adapter on every linear layer but the LM head (peft's shorthand)."""
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".gz", ".zst", ".bz2", ".xz")
 
@@ -57,6 +61,7 @@ IGEA_TRAINING_KEYS: dict[str, type | tuple[type, ...]] = {
     "warmup_ratio": float,  # transformers 5 folds it into a float `warmup_steps` in [0, 1)
     "total_train_batch_size": int,  # derive gradient accumulation from the world size
     "stop_on_nonfinite_loss": bool,  # stop the run when the training loss is NaN or inf
+    "log_throughput": bool,  # add tokens/s (and MFU on a GPU) to every training log (igea.tracking)
 }
 
 
@@ -151,6 +156,33 @@ class EvalConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """The `peft:` section: train LoRA (or DoRA) adapters with peft instead of every weight of the base model.
+
+    Present (even empty, `peft: {}`) means on. For a new language, also train the embeddings and the LM head
+    in full: `modules_to_save: [embed_tokens, lm_head]`.
+    """
+
+    r: int = 16
+    """Rank of each adapter's update matrices (its size grows linearly with it)."""
+    alpha: float | None = None
+    """The update is scaled by alpha / r; by default alpha = 2 r (a scale of 2, whatever the rank)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training, in [0, 1)."""
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
+    """Names of the modules that get an adapter, e.g. [q_proj, v_proj] (the last part of a module's name);
+    `all-linear` (the default): every linear layer of the decoder, the LM head excepted."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters, e.g. [embed_tokens, lm_head] for a new language."""
+    use_dora: bool = False
+    """DoRA: weight-decomposed adapters (a magnitude vector per layer), closer to full training, slower."""
+    merge: bool = True
+    """Also save the base weights with the adapters merged in, so the run directory loads as a plain model;
+    the adapter alone goes to `adapter/`. With false, the run directory holds the adapter only (it loads on
+    top of the base model, which must stay reachable)."""
+
+
+@dataclass
 class CardConfig:
     """Text of the model card written at the end of a run."""
 
@@ -170,6 +202,7 @@ class IgeaConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: dict[str, Any] = field(default_factory=dict)
+    peft: AdapterConfig | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     card: CardConfig = field(default_factory=CardConfig)
@@ -374,6 +407,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if sections and isinstance(value, dict):  # `TinyModelConfig | None`: the section's own errors name the key
+            return build_section(sections[0], value, f"{key}.")
         enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
         if enums:  # `SchedulerType | str`: the string must still be one of the enum's values
             return _coerce(value, enums[0], key)
@@ -555,6 +591,8 @@ def _check_values(cfg: IgeaConfig) -> None:
                        ("eval.limit", e.limit), ("eval.num_fewshot", e.num_fewshot)]:
         if value is not None and value < 0:
             raise ConfigError(f"{key}: {show(value)} is not allowed; it must be >= 0")
+    if cfg.peft is not None:
+        check_adapter_values(cfg.peft)
     check_generation_values(g, "generation.")
     for i, prompt in enumerate(g.prompts):
         if not prompt.strip():
@@ -593,6 +631,24 @@ def _check_streaming(d: DataConfig, training: dict[str, Any]) -> None:
             "data.streaming: size the run with exactly one of training.max_steps and data.token_budget "
             "(a streamed corpus has no length)"
         )
+
+
+def check_adapter_values(p: AdapterConfig) -> None:
+    """Range checks of the `peft:` section (module names are checked against the model when it is known)."""
+    if p.r < 1:
+        raise ConfigError(f"peft.r: {show(p.r)} is not allowed; it must be at least 1")
+    if p.alpha is not None and p.alpha <= 0:
+        raise ConfigError(f"peft.alpha: {show(p.alpha)} is not allowed; it must be greater than 0")
+    if not 0 <= p.dropout < 1:
+        raise ConfigError(f"peft.dropout: {show(p.dropout)} is not allowed; it must be in [0, 1)")
+    if not p.target_modules:
+        raise ConfigError(f"peft.target_modules: [] is not allowed; name at least one module, or {ALL_LINEAR}")
+    if ALL_LINEAR in p.target_modules and len(p.target_modules) > 1:
+        raise ConfigError(f"peft.target_modules: {show(p.target_modules)} is not allowed; {ALL_LINEAR} stands alone")
+    for key, names in (("peft.target_modules", p.target_modules), ("peft.modules_to_save", p.modules_to_save)):
+        for name in names:
+            if not name.strip():
+                raise ConfigError(f"{key}: {show(name)} is not allowed; give module names such as q_proj")
 
 
 def check_generation_values(g: GenerationConfig, prefix: str = "") -> None:

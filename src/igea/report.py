@@ -112,12 +112,12 @@ def read_json(path: Path) -> Any:
 def render_card(run: RunRecord, curves_drawn: bool) -> str:
     """The whole model card as Markdown, front matter first."""
     sections = [
-        front_matter(run.config),
+        front_matter(run.config, run.metrics.get("adapter")),
         f"# {run.title}\n\n{description(run)}{tiny_notice(run.config['model'])}",
         how_to_use(run),
         "## Bias, Risks and Limitations\n\n" + (run.card.get("risks") or DEFAULT_RISKS).strip(),
         "## Training and evaluation data\n\n" + data_summary(run),
-        "## Training procedure\n\n" + base_model_line(run.config["model"]),
+        "## Training procedure\n\n" + base_model_line(run.config["model"]) + adapter_line(run.metrics.get("adapter")),
         "### Training hyperparameters\n\nThe following hyperparameters were used during training:\n\n"
         + "\n".join(hyperparameter_lines(run.config["training"], run.layout)),
         "### Training results\n\n" + results_section(run.log_history, curves_drawn),
@@ -128,12 +128,12 @@ def render_card(run: RunRecord, curves_drawn: bool) -> str:
     return "\n\n".join(s.strip() for s in sections) + "\n"
 
 
-def front_matter(config: dict[str, Any]) -> str:
+def front_matter(config: dict[str, Any], adapter: dict[str, Any] | None = None) -> str:
     """The card's YAML header, as the hub reads it; empty lists and local base models are left out."""
     card = config.get("card") or {}
     meta = {
         "language": card.get("language") or [],
-        "library_name": "transformers",
+        "library_name": "peft" if adapter and not adapter["merged"] else "transformers",
         "base_model": hub_base_model(config["model"]),
         "datasets": card.get("datasets") or hub_datasets(config["data"]),
         "tags": card.get("tags") or [],
@@ -194,6 +194,20 @@ def description(run: RunRecord) -> str:
 
 def base_model_line(model: dict[str, Any]) -> str:
     return f"Base model: {describe_base_model(model)}."
+
+
+def adapter_line(adapter: dict[str, Any] | None) -> str:
+    """What a LoRA / DoRA run trained (recorded by igea.lora), or nothing for full training."""
+    if not adapter:
+        return ""
+    modules = ", ".join(adapter["target_modules"])
+    in_full = f"; trained in full: {', '.join(adapter['modules_to_save'])}" if adapter["modules_to_save"] else ""
+    where = ("The weights here have the adapter merged in; the adapter alone is in `adapter/`." if adapter["merged"]
+             else "This directory holds the adapter only: it loads on top of the base model (peft must be installed).")
+    return (f"\n\n{adapter['method']} adapters of rank {adapter['r']} (alpha {adapter['alpha']:g}, dropout "
+            f"{adapter['dropout']:g}) on {modules}{in_full}. Trainable parameters: {adapter['trainable_parameters']:,} "
+            f"({adapter['trainable_share']:.2%} of the base model's {adapter['base_parameters']:,}); the base weights "
+            f"stayed frozen. {where}")
 
 
 def how_to_use(run: RunRecord) -> str:

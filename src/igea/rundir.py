@@ -42,7 +42,7 @@ IGEA_ENTRIES = (
     # what `save_pretrained` writes for a causal LM, its tokenizer and a peft adapter
     "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "training_args.bin", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-    "chat_template.jinja", "chat_template.json", "adapter_config.json", "adapter_model.safetensors",
+    "chat_template.jinja", "chat_template.json", "adapter", "adapter_config.json", "adapter_model.safetensors",
 )
 """Top-level names igea (or the Trainer and `save_pretrained` it calls) writes into a run directory."""
 IGNORED_ENTRIES = (".DS_Store", ".ipynb_checkpoints", "Thumbs.db")

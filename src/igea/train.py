@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from igea.config import IgeaConfig
 from igea.data import PreparedData, prepare_dataset, source_label
 from igea.errors import ConfigError, IgeaError
+from igea.lora import apply_lora, check_peft, save_adapter
 from igea.metrics import IGNORE_INDEX, NextTokenMetrics, argmax_and_nll, perplexity
 from igea.modeling import base_model_path, load_causal_lm, load_tokenizer
 from igea.preemption import CheckpointOnStop, Preempted, stop_on_signals
@@ -42,6 +43,7 @@ from igea.rundir import (
     start_record,
     write_json_atomic,
 )
+from igea.tracking import attach_tracking, check_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,9 @@ def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change
         check_block_size(cfg)  # reads only the model's config: an unreachable hub id fails in seconds
     args = training_arguments(cfg)  # before anything is written: a bad recipe fails in a second
     check_process_group(args)
+    check_report_to(args.report_to)  # tracking: each integration's package is installed
+    if cfg.peft is not None:
+        check_peft(cfg)  # lora: peft is installed, the adapter's modules exist
     log_layout(args)
     state = PartialState()
     if state.is_main_process:
@@ -145,6 +150,8 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
         check_before_training(cfg, tokenizer)
         data = prepare_dataset(cfg, tokenizer)  # before the weights: a corpus problem shows up in seconds
     model = load_causal_lm(base_model_path(cfg), cfg.model)
+    if cfg.peft is not None:
+        model = apply_lora(model, cfg)  # lora: only the adapters (and peft.modules_to_save) train
     if cfg.data.packing == "documents":
         model.config.use_cache = False  # with a cache, restarting position_ids do not mask across documents
     metrics: dict[str, Any] = {"data": data.stats}
@@ -268,7 +275,7 @@ class IgeaTrainer(Trainer):
 
 def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, data: PreparedData) -> Trainer:
     """igea's Trainer over the packed blocks, with next-token accuracy as its metric."""
-    return IgeaTrainer(
+    trainer = IgeaTrainer(
         stop_on_nonfinite_loss=cfg.training.get("stop_on_nonfinite_loss", True),
         save_total_limit=cfg.training.get("save_total_limit"),
         sources=[source_label(s) for s in cfg.data.sources] if len(cfg.data.sources) > 1 else None,
@@ -281,6 +288,8 @@ def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, da
         compute_metrics=NextTokenMetrics(),
         preprocess_logits_for_metrics=argmax_and_nll,
     )
+    attach_tracking(trainer, cfg)  # tracking: TensorBoard logs in the run dir, training.log_throughput
+    return trainer
 
 
 def evaluate_before(trainer: Trainer, cfg: IgeaConfig) -> dict[str, float]:
@@ -324,6 +333,7 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
     total = section.pop("total_train_batch_size", None)
     section.pop("stop_on_nonfinite_loss", None)
     section.pop("save_total_limit", None)  # igea rotates checkpoints itself, after marking the new one complete
+    section.pop("log_throughput", None)
     if total is not None:
         section["gradient_accumulation_steps"] = accumulation_for(total, section, world_size())
     if cfg.data.token_budget is not None:
@@ -427,12 +437,18 @@ def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any], start: 
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)  # left by a run stopped while saving
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
+    if cfg.peft is not None:  # lora: the adapter, the merged weights, and what was trained (for the card)
+        metrics["adapter"] = save_adapter(trainer, cfg.peft, staging)
+    else:
+        trainer.save_model(str(staging))
     result = RunResult(out, metrics, trainer.state.log_history, batch_layout(trainer.args))
     if not trainer.is_world_process_zero():
         return result
     for item in staging.iterdir():
-        os.replace(item, out / item.name)
+        target = out / item.name
+        if item.is_dir() and target.is_dir():
+            shutil.rmtree(target)  # a folder (adapter/) moved in by a run stopped while saving
+        os.replace(item, target)
     staging.rmdir()
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "log_history.json", trainer.state.log_history)
