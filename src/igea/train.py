@@ -27,6 +27,7 @@ from igea.rundir import (
     last_complete_checkpoint,
     write_json_atomic,
 )
+from igea.streaming import BlockStream
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False) -> Run
     elif checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
         trainer.restore_tokens_seen(checkpoint)
+        if isinstance(data.train, BlockStream) and data.train.restore(checkpoint):
+            trainer.args.ignore_data_skip = True  # the stream continues from its saved position: nothing to replay
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics["train"] = train_output.metrics
     if trainer.sources:
@@ -105,6 +108,7 @@ class IgeaTrainer(Trainer):
     - a NaN/inf loss stops the run before it reaches a checkpoint;
     - every checkpoint gets a completion marker once all of it is on disk (resume skips the others);
     - with mixed corpora, the tokens each source supplied are counted (and kept across a resume);
+    - a streamed corpus saves its position with every checkpoint (so a resume does not replay the stream);
     - the eval loss is token-weighted, exact however the blocks were batched or spread over processes.
     """
 
@@ -150,6 +154,8 @@ class IgeaTrainer(Trainer):
         seen = self.tokens_seen_per_source()  # a collective: every rank takes part
         if self.is_world_process_zero():
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if isinstance(self.train_dataset, BlockStream):  # where the stream is, so that --resume need not replay it
+                self.train_dataset.save(folder, self.state.global_step * self.get_total_train_batch_size(self.args))
             write_json_atomic(folder / CHECKPOINT_MARKER, {"global_step": self.state.global_step, "tokens_seen": seen})
 
     def restore_tokens_seen(self, checkpoint: Path) -> None:
