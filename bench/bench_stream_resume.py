@@ -9,6 +9,10 @@ at step EARLY costs. For contrast, the same resumes with that position removed f
 Trainer then replays the stream up to the checkpoint (what `--resume` did before), re-reading and
 re-tokenizing everything before it. Runs are interleaved; the best of `--repeats` is reported.
 
+A process start on a shared 2-core CPU swings by seconds, so the stream's own part is also timed in one
+process: from a checkpoint's saved position to the first block, against handing out every block before it
+again (the replay), best of `--repeats`.
+
 What a resume still does in proportion to its position: the `datasets` reader skips the documents before
 the saved position without tokenizing them, but reads the raw file up to there. The last part measures that
 rate: the corpus repeated to `--skim-mb` of text, read as igea reads it, then resumed from 5% and from 95%
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -100,6 +105,27 @@ def time_to_first_step(config: Path, run: Path, checkpoint: Path, keep_position:
     return elapsed
 
 
+def stream_times(config: Path, checkpoints: dict[int, Path]) -> dict[str, dict[int, float]]:
+    """Seconds to the first new block of each checkpoint: from its saved position, and by replaying the stream."""
+    from igea.config import load_config
+    from igea.data import prepare_dataset
+
+    cfg = load_config(config)
+    times: dict[str, dict[int, float]] = {"saved_position": {}, "replay": {}}
+    for step, checkpoint in checkpoints.items():
+        position = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        stream = prepare_dataset(cfg).train
+        stream.load_position(position)
+        start = time.perf_counter()
+        next(iter(stream))
+        times["saved_position"][step] = time.perf_counter() - start
+        stream = prepare_dataset(cfg).train
+        start = time.perf_counter()
+        next(islice(stream, position["blocks"], None))
+        times["replay"][step] = time.perf_counter() - start
+    return times
+
+
 def skim_rate(tmp: Path, texts: list[str], megabytes: float) -> dict[str, float]:
     """MB/s at which the document reader skips the text before a saved position (it does not tokenize it)."""
     from igea.config import DataConfig
@@ -158,6 +184,8 @@ def main() -> None:
         times: dict[str, dict[int, list[float]]] = {"saved_position": {early: [], late: []},
                                                     "replay": {early: [], late: []}}
         restored = {}
+        checkpoints = {step: tmp / "run" / f"checkpoint-{step}" for step in (early, late)}
+        stream_runs = [stream_times(resume_config, checkpoints) for _ in range(repeats)]
         for _ in range(repeats):
             for mode in times:
                 for step in (early, late):
@@ -168,20 +196,25 @@ def main() -> None:
                     restored[(mode, step)] = "without replaying it" in log.read_text()
         skim = skim_rate(tmp, texts, args.skim_mb or (10 if args.quick else 200))
     best = {mode: {step: min(t) for step, t in steps.items()} for mode, steps in times.items()}
+    stream = {mode: {step: min(run[mode][step] for run in stream_runs) for step in (early, late)} for mode in times}
     for mode, steps in best.items():
         for step, seconds in steps.items():
             print(f"{mode:>15}: resume at step {step:>3} ({step * shape['batch']:>5} blocks before it): "
-                  f"{seconds:6.2f} s to the first new step")
+                  f"{seconds:6.2f} s to the first new step, {stream[mode][step]:6.2f} s of it to the first block")
     result = {
         "early_step": early, "late_step": late, **shape, "corpus_tokens": corpus_tokens, "repeats": repeats,
         "saved_position_s": best["saved_position"], "replay_s": best["replay"],
         "ratio": best["saved_position"][late] / best["saved_position"][early],
         "replay_ratio": best["replay"][late] / best["replay"][early],
+        "stream_saved_position_s": stream["saved_position"], "stream_replay_s": stream["replay"],
+        "stream_ratio": stream["saved_position"][late] / stream["saved_position"][early],
+        "stream_replay_ratio": stream["replay"][late] / stream["replay"][early],
         "restored_from_saved_position": all(restored[("saved_position", s)] for s in (early, late)),
         "replayed_without_it": not any(restored[("replay", s)] for s in (early, late)), **skim,
     }
     print(f"ratio late / early with the saved position: {result['ratio']:.2f} (goal <= 1.5); "
-          f"replaying: {result['replay_ratio']:.2f}")
+          f"replaying: {result['replay_ratio']:.2f}; the stream alone: {result['stream_ratio']:.2f} and "
+          f"{result['stream_replay_ratio']:.2f}")
     print(f"skimming already trained text on resume: {skim['skim_at_5pct_s']:.2f} s at 5%, "
           f"{skim['skim_at_95pct_s']:.2f} s at 95% of {skim['skim_file_mb']:.0f} MB ({skim['skim_mb_per_s']} MB/s)")
     print(json.dumps(result))

@@ -62,3 +62,15 @@ def test_gpu_benchmark_smoke_test_runs_every_default_variant_on_cpu():
     assert results["igea"]["bf16_autocast"] is True  # configs/igea-1b.yaml's recipe
     assert results["igea_documents"]["packing"] == "documents"
     assert results["plain"]["params"] == results["igea"]["params"]
+
+
+def test_stream_resume_benchmark_resumes_from_the_saved_position_and_replays_without_it():
+    [result] = run_bench("bench_stream_resume.py", "--quick")
+
+    assert result["restored_from_saved_position"] and result["replayed_without_it"]
+    for mode in ("saved_position_s", "replay_s", "stream_saved_position_s", "stream_replay_s"):
+        assert set(result[mode]) == {str(result["early_step"]), str(result["late_step"])}
+        assert all(seconds > 0 for seconds in result[mode].values())
+    late, early = str(result["late_step"]), str(result["early_step"])
+    assert result["ratio"] == pytest.approx(result["saved_position_s"][late] / result["saved_position_s"][early])
+    assert result["corpus_tokens"] >= 2 * (result["late_step"] + 1) * result["batch"] * result["block"]
