@@ -70,7 +70,7 @@ def tokenize_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str], add
 # One source: documents -> blocks, from any saved position
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Position:
     """Where a source's next block comes from: a batch of documents, and how many of its blocks come first."""
 
