@@ -175,9 +175,9 @@ def cut_blocks(carry_ids: np.ndarray, carry_pos: np.ndarray, docs: list[list[int
 class WindowedSource:
     """A source's blocks of one epoch, shuffled in windows; resumes at any block from (taken, window start)."""
 
-    def __init__(self, documents: IterableDataset, make_blocks: Callable[[Position], SourceBlocks],
-                 window: int, seed: list[int], taken: int = 0, start: Position | None = None) -> None:
-        self.documents, self.make_blocks, self.window, self.seed = documents, make_blocks, window, seed
+    def __init__(self, make_blocks: Callable[[Position], SourceBlocks], window: int, seed: list[int],
+                 taken: int = 0, start: Position | None = None) -> None:
+        self.make_blocks, self.window, self.seed = make_blocks, window, seed
         self.taken = taken  # blocks given this epoch
         self._start = start or Position()  # where the window holding block `taken` starts
         self._cutter: SourceBlocks | None = None
@@ -272,7 +272,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         def maker(documents: IterableDataset) -> Callable[[Position], SourceBlocks]:
             return lambda start: SourceBlocks(documents, self.tokenize, self.block_size, self.with_positions, start)
 
-        return [WindowedSource(part, maker(part), self.window, [self.seed, i, epoch], taken, start)
+        return [WindowedSource(maker(part), self.window, [self.seed, i, epoch], taken, start)
                 for i, (part, (taken, start)) in enumerate(zip(self.parts, points, strict=True))]
 
     def _source_of(self, epoch: int, mixed: int) -> int:
