@@ -73,3 +73,15 @@ def test_lora_benchmark_trains_full_and_lora_on_the_same_model_and_batches():
     assert lora["grads_mib"] < full["grads_mib"] and lora["optimizer_mib"] < full["optimizer_mib"]
     assert all(v["tokens_per_s"] > 0 and v["peak_rss_mib"] > 0 for v in variants)
     assert summary["lora_speed_ratio"] == pytest.approx(lora["tokens_per_s"] / full["tokens_per_s"], rel=1e-2)
+
+
+def test_stream_resume_benchmark_resumes_from_the_saved_position_and_replays_without_it():
+    [result] = run_bench("bench_stream_resume.py", "--quick")
+
+    assert result["restored_from_saved_position"] and result["replayed_without_it"]
+    for mode in ("saved_position_s", "replay_s", "stream_saved_position_s", "stream_replay_s"):
+        assert set(result[mode]) == {str(result["early_step"]), str(result["late_step"])}
+        assert all(seconds > 0 for seconds in result[mode].values())
+    late, early = str(result["late_step"]), str(result["early_step"])
+    assert result["ratio"] == pytest.approx(result["saved_position_s"][late] / result["saved_position_s"][early])
+    assert result["corpus_tokens"] >= 2 * (result["late_step"] + 1) * result["batch"] * result["block"]

@@ -631,6 +631,12 @@ def _check_streaming(d: DataConfig, training: dict[str, Any]) -> None:
             "data.streaming: size the run with exactly one of training.max_steps and data.token_budget "
             "(a streamed corpus has no length)"
         )
+    workers = training.get("dataloader_num_workers", 0)
+    if isinstance(workers, int) and workers > 0:
+        raise ConfigError(
+            f"training.dataloader_num_workers: {workers!r} is not allowed with "
+            "data.streaming (the stream is read in the main process, which saves its position); use 0"
+        )
 
 
 def check_adapter_values(p: AdapterConfig) -> None:

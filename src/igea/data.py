@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from igea.config import DataConfig, IgeaConfig, SourceConfig, looks_local, resolve_local_files
 from igea.errors import IgeaError
 from igea.hub import hub_reachable
+from igea.streaming import BlockStream
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase | None =
         documents = validation_parts[0] if len(validation_parts) == 1 else concatenate_datasets(validation_parts)
         validation, stats["validation"] = pack_split("validation", documents, tokenizer, d)
     if d.streaming:
-        train = stream_blocks(train_parts, sources, tokenizer, d, seed)
+        train = BlockStream(train_parts, [source_label(s) for s in sources], [s.weight for s in sources],
+                            tokenizer, d, seed)
         stats["train"] = {"streaming": True, "sources": [source_label(s) for s in sources]}
     else:
         blocks, per_source = [], {}
@@ -406,38 +408,11 @@ def pack_blocks(
     return blocks, stats
 
 
-def stream_blocks(parts: list[IterableDataset], sources: list[SourceConfig], tokenizer: PreTrainedTokenizerBase,
-                  d: DataConfig, seed: int) -> IterableDataset:
-    """Blocks made on the fly from streamed documents, shuffled in a buffer, mixed by weight across sources.
-
-    Blocks (the training examples) are shuffled, as a sampler shuffles map-style blocks; `datasets` reseeds
-    the buffer every epoch. Memory stays flat whatever the corpus size: one shuffle buffer and one
-    unfinished block per source.
-    """
-    streams = []
-    for part in parts:
-        tokens = tokenize_corpus(part, tokenizer, d)
-        blocks = IterableDataset.from_generator(
-            _generate_stream_blocks, features=block_features(d.packing),
-            gen_kwargs={"tokens": tokens, "block_size": d.block_size, "with_positions": d.packing == "documents"},
-        )
-        streams.append(blocks.shuffle(seed=seed, buffer_size=d.shuffle_buffer) if d.shuffle_buffer > 1 else blocks)
-    return mix_blocks(streams, sources, seed)
-
-
 def _generate_blocks(tokens: Dataset, block_size: int, with_positions: bool):
     """Blocks of a tokenized Dataset, read in Arrow batches."""
     batches = tokens.with_format("arrow").iter(batch_size=10_000)
     arrays = ((pc.list_value_length(b.column("input_ids")).to_numpy(zero_copy_only=False),
                pc.list_flatten(b.column("input_ids")).to_numpy(zero_copy_only=False)) for b in batches)
-    yield from _cut_blocks(arrays, block_size, with_positions)
-
-
-def _generate_stream_blocks(tokens: IterableDataset, block_size: int, with_positions: bool):
-    """Blocks of a tokenized IterableDataset, read in batches of documents."""
-    batches = tokens.iter(batch_size=1000)
-    arrays = ((np.fromiter((len(x) for x in b["input_ids"]), dtype=np.int64),
-               np.fromiter((t for x in b["input_ids"] for t in x), dtype=np.int32)) for b in batches)
     yield from _cut_blocks(arrays, block_size, with_positions)
 
 

@@ -43,6 +43,7 @@ from igea.rundir import (
     start_record,
     write_json_atomic,
 )
+from igea.streaming import BlockStream
 from igea.tracking import attach_tracking, check_report_to
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     checkpoint = start.checkpoint
     if checkpoint is not None:
         trainer.restore_tokens_seen(checkpoint)
+        if isinstance(data.train, BlockStream) and data.train.restore(checkpoint):
+            trainer.args.ignore_data_skip = True  # the stream continues from its saved position: nothing to replay
     if checkpoint is not None and training_finished_in(trainer, checkpoint):
         metrics["train"] = restore_finished_training(trainer, checkpoint)
     else:
@@ -212,6 +215,7 @@ class IgeaTrainer(Trainer):
     - every checkpoint gets a completion marker with its files' sizes and checksums once all of it is on disk
       (resume verifies it and skips the others); old checkpoints are rotated out only after that;
     - with mixed corpora, the tokens each source supplied are counted (and kept across a resume);
+    - a streamed corpus saves its position with every checkpoint (so a resume does not replay the stream);
     - the eval loss is token-weighted, exact however the blocks were batched or spread over processes.
     """
 
@@ -261,6 +265,8 @@ class IgeaTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank has written its part (RNG states, shards)
         seen = self.tokens_seen_per_source()  # a collective: every rank takes part
         if self.is_world_process_zero():
+            if isinstance(self.train_dataset, BlockStream):  # where the stream is, so that --resume need not replay it
+                self.train_dataset.save(folder, self.state.global_step * self.get_total_train_batch_size(self.args))
             mark_checkpoint_complete(folder, {"global_step": self.state.global_step, "tokens_seen": seen})
             best = self.state.best_model_checkpoint
             rotate_checkpoints(run_dir, self.save_total_limit, protect=(Path(best),) if best else ())
