@@ -159,9 +159,9 @@ def test_cli_prints_metrics_and_table_and_writes_predictions(tiny_model_dir, hel
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--tasks", "medqa"], "igea: error: tasks: unknown task 'medqa'; known tasks: arc_it, hellaswag_it"),
+    (["--tasks", "medqa"], "igea: error: --tasks: unknown task 'medqa'; known tasks: arc_it, hellaswag_it"),
     ([], "igea: error: evaluate: nothing to do"),
-    (["--tasks", "arc_it", "--limit", "-1"], "igea: error: limit: -1 is not allowed; it must be >= 0"),
+    (["--tasks", "arc_it", "--limit", "-1"], "igea: error: --limit: -1 is not allowed; it must be >= 0"),
 ])
 def test_cli_errors_exit_2_with_one_line(tiny_model_dir, capsys, args, message):
     assert main(["eval", str(tiny_model_dir), *args]) == 2

@@ -9,12 +9,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from igea.config import config_from_dict
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import count_correct
 from igea.rundir import RUN_MARKER
 from igea.train import train, training_arguments
 
-from conftest import make_config
+from conftest import config_dict, make_config
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,18 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_mo
     assert not (cfg.output_dir / RUN_MARKER).exists()
     weights = load_file(checkpoint / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_default_cadence_logs_evaluates_and_saves_a_short_run(tiny_model_dir, corpus_file, tmp_path):
+    """The defaults are the card's optimizer but a cadence relative to the run: 10 steps still log and evaluate,
+    and one process does not accumulate gradients (the card's 2 steps were for its 4 GPUs)."""
+    raw = config_dict(tmp_path / "run", tiny_model_dir, corpus_file, data={"validation_split": 8})
+    for key in ("logging_steps", "eval_steps", "save_steps", "gradient_accumulation_steps"):
+        raw["training"].pop(key)
+    raw["training"]["max_steps"] = 10
+    cfg = config_from_dict(raw)
+    assert training_arguments(cfg).gradient_accumulation_steps == 1
+    result = train(cfg)
+    assert len([e for e in result.log_history if "loss" in e]) >= 5
+    assert [e["step"] for e in result.log_history if "eval_loss" in e][0] == 1
+    assert sorted(p.name for p in cfg.output_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-9"]

@@ -9,6 +9,7 @@ Every problem is raised as one `ConfigError` line naming the key, the value and 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import enum
@@ -19,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -33,13 +34,16 @@ ALL_LINEAR = "all-linear"
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".gz", ".zst", ".bz2", ".xz")
 
-# The card's recipe (Igea-1B): the defaults of the `training:` section. Anything else falls back to
-# transformers' own TrainingArguments defaults.
+# The defaults of the `training:` section: the card's optimizer recipe (Igea-1B: learning rate, Adam betas and
+# epsilon, no weight decay, cosine schedule with 2% warmup, one epoch, seed 42), one sequence batch of 8 per
+# device without accumulation, and a cadence relative to the run's length (a float below 1 is a fraction of
+# the training steps) so that a short run logs, evaluates and saves too. The card's own layout and 5000-step
+# cadence are in configs/igea-*.yaml. Anything else falls back to transformers' TrainingArguments defaults.
 TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-5,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 8,
-    "gradient_accumulation_steps": 2,
+    "gradient_accumulation_steps": 1,
     "adam_beta1": 0.9,
     "adam_beta2": 0.95,
     "adam_epsilon": 1e-8,
@@ -49,14 +53,14 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1.0,
     "seed": 42,
     "eval_strategy": "steps",
-    "eval_steps": 5000,
-    "logging_steps": 5000,
+    "eval_steps": 0.1,
+    "logging_steps": 0.02,
     "save_strategy": "steps",
-    "save_steps": 5000,
+    "save_steps": 0.1,
+    "save_total_limit": 2,
     "report_to": "none",
 }
 
-# Keys igea adds to the `training:` section on top of TrainingArguments' own fields.
 IGEA_TRAINING_KEYS: dict[str, type | tuple[type, ...]] = {
     "warmup_ratio": float,  # transformers 5 folds it into a float `warmup_steps` in [0, 1)
     "total_train_batch_size": int,  # derive gradient accumulation from the world size
@@ -65,9 +69,28 @@ IGEA_TRAINING_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 
 
+class Section:
+    """A config section validates itself whenever it is built, from YAML or in Python (`DataConfig(...)`,
+    `dataclasses.replace`): each value is type-checked (and converted where YAML is loose), then `check`
+    judges the values. Errors name the key as a config file would (`data.block_size`)."""
+
+    KEY: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{self.KEY}.{f.name}"))
+        self.check()
+
+    def check(self) -> None:
+        """Range and consistency checks of this section's values."""
+
+
 @dataclass
-class TinyModelConfig:
+class TinyModelConfig(Section):
     """Shape of a tiny Mistral built locally (with a BPE tokenizer trained on the corpus)."""
+
+    KEY: ClassVar[str] = "model.tiny"
 
     vocab_size: int = 1024
     hidden_size: int = 64
@@ -78,10 +101,22 @@ class TinyModelConfig:
     max_position_embeddings: int = 1024
     seed: int = 0
 
+    def check(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "max_position_embeddings"):
+            _at_least(self, name, 1)
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"{self.KEY}: hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads}), and that a multiple of num_key_value_heads ({self.num_key_value_heads})"
+            )
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The base model: a hub id or a local directory, or a tiny Mistral built on the fly."""
+
+    KEY: ClassVar[str] = "model"
 
     name_or_path: str | None = None
     tiny: TinyModelConfig | None = None
@@ -91,10 +126,19 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
 
+    def check(self) -> None:
+        _choice(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ConfigError("model: set exactly one of 'model.name_or_path' (hub id or directory) and 'model.tiny'")
+        if self.name_or_path is not None and looks_local(self.name_or_path) and not Path(self.name_or_path).is_dir():
+            raise ConfigError(f"model.name_or_path: directory '{self.name_or_path}' does not exist")
+
 
 @dataclass
-class SourceConfig:
+class SourceConfig(Section):
     """One corpus in a weighted mixture (`data.sources`)."""
+
+    KEY: ClassVar[str] = "data.sources[]"
 
     path: str | list[str]
     weight: float = 1.0
@@ -104,8 +148,10 @@ class SourceConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the corpus comes from and how it becomes fixed-length blocks of token ids."""
+
+    KEY: ClassVar[str] = "data"
 
     path: str | list[str] | None = None
     sources: list[SourceConfig] = field(default_factory=list)
@@ -128,10 +174,37 @@ class DataConfig:
     cache_dir: str | None = None
     seed: int | None = None
 
+    def check(self) -> None:
+        _choice(self, "encoding_errors", ("strict", "replace", "ignore"))
+        _choice(self, "document_boundary", ("eos", "special_tokens"))
+        _choice(self, "packing", ("blocks", "documents"))
+        if self.path is not None and self.sources:
+            raise ConfigError("data: set either 'data.path' or 'data.sources', not both")
+        for key, paths in [("data.path", self.path), ("data.validation_path", self.validation_path)] + [
+            (f"data.sources[{i}].path", s.path) for i, s in enumerate(self.sources)
+        ]:
+            if paths is not None:
+                resolve_local_files(paths, key)
+        for i, source in enumerate(self.sources):
+            if source.weight <= 0:
+                raise ConfigError(f"data.sources[{i}].weight: {show(source.weight)} is not allowed; it must be "
+                                  "greater than 0")
+        _at_least(self, "block_size", 2)
+        _at_least(self, "shuffle_buffer", 1)
+        vs = self.validation_split
+        if isinstance(vs, float) and not 0 <= vs < 1 or isinstance(vs, int) and vs < 0:
+            raise ConfigError(
+                f"data.validation_split: {show(vs)} is not allowed; use a fraction in [0, 1) or a count >= 0"
+            )
+        for name in ("min_chars", "max_documents", "token_budget", "num_proc"):
+            _at_least(self, name, 0)
+
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(Section):
     """Sampling parameters for `igea.generate` and the samples printed at the end of a run."""
+
+    KEY: ClassVar[str] = "generation"
 
     prompts: list[str] = field(default_factory=lambda: ["Il fegato è "])
     max_new_tokens: int = 128
@@ -143,10 +216,18 @@ class GenerationConfig:
     num_return_sequences: int = 1
     seed: int | None = 42
 
+    def check(self) -> None:
+        check_generation_values(self, "generation.")
+        for i, prompt in enumerate(self.prompts):
+            if not prompt.strip():
+                raise ConfigError(f"generation.prompts[{i}]: an empty prompt is not allowed; give the text to continue")
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Evaluation: held-out metrics before training, and multiple-choice benchmarks after it."""
+
+    KEY: ClassVar[str] = "eval"
 
     before_training: bool = True
     tasks: list[str] = field(default_factory=list)
@@ -154,9 +235,15 @@ class EvalConfig:
     limit: int | None = None
     batch_size: int = 8
 
+    def check(self) -> None:
+        _at_least(self, "limit", 0)
+        _at_least(self, "num_fewshot", 0)
+        _at_least(self, "batch_size", 1)
+        check_task_names(self.tasks)
+
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(Section):
     """The `peft:` section: train LoRA (or DoRA) adapters with peft instead of every weight of the base model.
 
     Present (even empty, `peft: {}`) means on. For a new language, also train the embeddings and the LM head
@@ -181,10 +268,17 @@ class AdapterConfig:
     the adapter alone goes to `adapter/`. With false, the run directory holds the adapter only (it loads on
     top of the base model, which must stay reachable)."""
 
+    KEY: ClassVar[str] = "peft"
+
+    def check(self) -> None:
+        check_adapter_values(self)
+
 
 @dataclass
-class CardConfig:
+class CardConfig(Section):
     """Text of the model card written at the end of a run."""
+
+    KEY: ClassVar[str] = "card"
 
     title: str | None = None
     description: str | None = None
@@ -199,13 +293,20 @@ class CardConfig:
 class IgeaConfig:
     """A whole run: what the YAML file says, typed and validated."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=dict)  # a mapping is built into its section (which checks it)
+    data: DataConfig = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     peft: AdapterConfig | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     card: CardConfig = field(default_factory=CardConfig)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(IgeaConfig)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f.name))
+        self.training = _validate_training(self.training)
+        _check_across_sections(self)
 
     @property
     def output_dir(self) -> Path:
@@ -278,20 +379,31 @@ TASK_FILE_SUFFIXES = (".yaml", ".yml")
 QUESTION_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 """A local question file (columns question, choices, answer)."""
 
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "data.encoding_errors": ("strict", "replace", "ignore"),
-    "data.document_boundary": ("eos", "special_tokens"),
-    "data.packing": ("blocks", "documents"),
-}
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> IgeaConfig:
-    """Read a YAML config, apply dotted `key=value` overrides, and validate everything.
+def load_config(source: str | os.PathLike | dict[str, Any], overrides: list[str] | str | None = None) -> IgeaConfig:
+    """A validated config from a YAML file or a dict (the same sections), with dotted `key=value` overrides.
 
     >>> cfg = load_config("configs/demo.yaml", ["training.learning_rate=1e-4"])
+    >>> cfg = load_config({"model": {"tiny": {}}, "data": {"path": "igea:sample"}}, "training.max_steps=5")
+
+    `training.output_dir` defaults to `runs/<file name>` (`runs/igea` for a dict). Relative paths in a config
+    are relative to the current directory, as on the command line.
     """
-    path = Path(path)
+    if isinstance(source, dict):
+        raw, name = copy.deepcopy(source), "igea"
+    else:
+        raw, name = read_yaml(Path(source)), Path(source).stem
+    for item in [overrides] if isinstance(overrides, str) else overrides or []:
+        apply_override(raw, item)
+    raw.setdefault("training", {})
+    if isinstance(raw["training"], dict):
+        raw["training"].setdefault("output_dir", str(Path("runs") / name))
+    return config_from_dict(raw)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping of sections (`yaml.safe_load`), every problem one ConfigError."""
     if path.is_dir():
         raise ConfigError(f"config: '{path}' is a directory; give the path of a YAML file")
     if not path.is_file():
@@ -311,12 +423,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(f"config: '{path}' must be a mapping of sections, got a {type(raw).__name__}")
     if expanded_size(raw) > MAX_CONFIG_VALUES:
         raise ConfigError(f"config: '{path}' expands to more than {MAX_CONFIG_VALUES:,} values (nested YAML aliases)")
-    for item in overrides or []:
-        apply_override(raw, item)
-    raw.setdefault("training", {})
-    if isinstance(raw["training"], dict):
-        raw["training"].setdefault("output_dir", str(Path("runs") / path.stem))
-    return config_from_dict(raw)
+    return raw
 
 
 MAX_CONFIG_VALUES = 100_000
@@ -360,10 +467,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def config_from_dict(raw: dict[str, Any]) -> IgeaConfig:
     """Build and validate an `IgeaConfig` from a plain dict (a parsed YAML file)."""
-    cfg = build_section(IgeaConfig, raw, "")
-    cfg.training = _validate_training(cfg.training)
-    _check_values(cfg)
-    return cfg
+    return build_section(IgeaConfig, raw, "")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -408,6 +512,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if sections and isinstance(value, sections[0]):
+            return value
         if sections and isinstance(value, dict):  # `TinyModelConfig | None`: the section's own errors name the key
             return build_section(sections[0], value, f"{key}.")
         enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
@@ -430,7 +536,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {show(value)}")
         return dict(value)
     if dataclasses.is_dataclass(hint):
-        return build_section(hint, value, f"{key}.")
+        return value if isinstance(value, hint) else build_section(hint, value, f"{key}.")
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         allowed = [m.value for m in hint]
         if isinstance(value, hint):
@@ -556,50 +662,26 @@ def _check_training_ranges(t: dict[str, Any]) -> None:
 # Cross-field checks
 
 
-def _check_values(cfg: IgeaConfig) -> None:
-    for dotted, allowed in CHOICES.items():
-        section, name = dotted.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}: {show(value)} is not allowed; choose one of {', '.join(allowed)}")
-    m, d, g, e = cfg.model, cfg.data, cfg.generation, cfg.eval
-    if (m.name_or_path is None) == (m.tiny is None):
-        raise ConfigError("model: set exactly one of 'model.name_or_path' (hub id or directory) and 'model.tiny'")
-    if m.name_or_path is not None and looks_local(m.name_or_path) and not Path(m.name_or_path).is_dir():
-        raise ConfigError(f"model.name_or_path: directory '{m.name_or_path}' does not exist")
-    if d.path is None and not d.sources:
+def _check_across_sections(cfg: IgeaConfig) -> None:
+    """Checks that need two sections at once, or a whole run (each section checked its own values when it was
+    built)."""
+    if cfg.data.path is None and not cfg.data.sources:
         raise ConfigError("data: set 'data.path' (hub id, file, glob or directory) or 'data.sources'")
-    if d.path is not None and d.sources:
-        raise ConfigError("data: set either 'data.path' or 'data.sources', not both")
-    for key, paths in [("data.path", d.path), ("data.validation_path", d.validation_path)] + [
-        (f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources)
-    ]:
-        if paths is not None:
-            resolve_local_files(paths, key)
-    for i, s in enumerate(d.sources):
-        if s.weight <= 0:
-            raise ConfigError(f"data.sources[{i}].weight: {show(s.weight)} is not allowed; it must be greater than 0")
-    if d.streaming:
-        _check_streaming(d, cfg.training)
-    if d.block_size < 2:
-        raise ConfigError(f"data.block_size: {show(d.block_size)} is not allowed; it must be at least 2")
-    vs = d.validation_split
-    if isinstance(vs, float) and not 0 <= vs < 1 or isinstance(vs, int) and vs < 0:
-        raise ConfigError(f"data.validation_split: {show(vs)} is not allowed; use a fraction in [0, 1) or a count >= 0")
-    for key, value in [("data.min_chars", d.min_chars), ("data.max_documents", d.max_documents),
-                       ("data.token_budget", d.token_budget), ("data.num_proc", d.num_proc),
-                       ("eval.limit", e.limit), ("eval.num_fewshot", e.num_fewshot)]:
-        if value is not None and value < 0:
-            raise ConfigError(f"{key}: {show(value)} is not allowed; it must be >= 0")
-    if cfg.peft is not None:
-        check_adapter_values(cfg.peft)
-    check_generation_values(g, "generation.")
-    for i, prompt in enumerate(g.prompts):
-        if not prompt.strip():
-            raise ConfigError(f"generation.prompts[{i}]: an empty prompt is not allowed; give the text to continue")
-    check_task_names(e.tasks)
-    if e.batch_size < 1:
-        raise ConfigError(f"eval.batch_size: {show(e.batch_size)} is not allowed; it must be at least 1")
+    if cfg.data.streaming:
+        _check_streaming(cfg.data, cfg.training)
+
+
+def _choice(section: Section, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(section, name)
+    if value not in allowed:
+        raise ConfigError(f"{section.KEY}.{name}: {show(value)} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _at_least(section: Section, name: str, low: int) -> None:
+    value = getattr(section, name)
+    if value is not None and value < low:
+        relation = f"at least {low}" if low else ">= 0"
+        raise ConfigError(f"{section.KEY}.{name}: {show(value)} is not allowed; it must be {relation}")
 
 
 def check_task_names(names: list[str], key: str = "eval.tasks") -> None:

@@ -57,7 +57,6 @@ def evaluate(
     """
     eval_config = eval_config or EvalConfig()
     tasks = list(tasks if tasks is not None else eval_config.tasks)
-    check_eval_settings(eval_config)
     check_task_names(tasks, key="tasks")
     if corpus is None and not tasks:
         raise IgeaError("evaluate: nothing to do; give a held-out corpus, tasks, or both")
@@ -91,15 +90,6 @@ def evaluate(
     if tasks:
         results["table"] = markdown_table({name: entry["tasks"] for name, entry in results["models"].items()})
     return results
-
-
-def check_eval_settings(e: EvalConfig) -> None:
-    """The `eval:` settings that `evaluate` uses, checked as the config loader checks them."""
-    for key, value in (("limit", e.limit), ("num_fewshot", e.num_fewshot)):
-        if value is not None and value < 0:
-            raise ConfigError(f"{key}: {value!r} is not allowed; it must be >= 0")
-    if e.batch_size < 1:
-        raise ConfigError(f"batch_size: {e.batch_size!r} is not allowed; it must be at least 1")
 
 
 def _display_names(sources: list[ModelLike]) -> list[str]:
@@ -239,8 +229,12 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise IgeaError(f"--output: directory '{Path(args.output).parent}' does not exist; create it first")
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
-    eval_config = EvalConfig(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                             batch_size=args.batch_size)
+    try:
+        eval_config = EvalConfig(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                 batch_size=args.batch_size)
+    except ConfigError as err:  # name the flag the user typed, not the config key
+        key, _, rest = str(err).partition(":")
+        raise ConfigError(f"--{key.removeprefix('eval.').replace('_', '-')}:{rest}") from None
     corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus  # a hub id is a str
     results = evaluate(args.path, corpus=corpus, compare=args.compare, eval_config=eval_config,
                        block_size=args.block_size, device=args.device, dtype=args.dtype)

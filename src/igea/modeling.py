@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from igea.config import IgeaConfig, ModelConfig, TinyModelConfig
+from igea.config import IgeaConfig, ModelConfig, TinyModelConfig, looks_local
 from igea.errors import ConfigError, IgeaError
 from igea.hub import hub_reachable
 
@@ -79,6 +79,8 @@ def load_pretrained(
     dtype = dtype or "auto"
     if dtype not in ("auto", *DTYPES):
         raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of auto, {', '.join(DTYPES)}")
+    if looks_local(path) and not Path(path).is_dir():
+        raise IgeaError(f"cannot load model '{path}': no such directory")
     model_cfg = ModelConfig(name_or_path=path, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = from_pretrained_or_explain(AutoTokenizer, path, model_cfg)
     model = load_causal_lm(path, model_cfg)
