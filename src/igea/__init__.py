@@ -10,6 +10,7 @@ from igea.generate import Completion, Generator, generate
 from igea.modeling import build_tiny_model, load_model
 from igea.run import run
 from igea.train import RunResult, train
+from igea.vocab import bits_per_byte, extend_vocabulary, fertility
 
 __all__ = [
     "Completion",
@@ -20,8 +21,11 @@ __all__ = [
     "PreparedData",
     "RunResult",
     "__version__",
+    "bits_per_byte",
     "build_tiny_model",
     "evaluate",
+    "extend_vocabulary",
+    "fertility",
     "generate",
     "load_config",
     "load_model",

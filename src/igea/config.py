@@ -73,11 +73,24 @@ class TinyModelConfig:
 
 
 @dataclass
+class ExtendVocabularyConfig:
+    """New tokens for the corpus' frequent words that the base tokenizer splits into pieces (igea.vocab).
+
+    The run builds the extended base model into `<output_dir>/base-model-extended` once, then trains it.
+    """
+
+    num_tokens: int  # how many tokens to add (new BPE merges learned on the corpus)
+    corpus: str | list[str] | None = None  # files, globs, directories or a hub id; default: the run's training split
+    max_documents: int | None = None  # read at most this many documents of the corpus
+
+
+@dataclass
 class ModelConfig:
     """The base model: a hub id or a local directory, or a tiny Mistral built on the fly."""
 
     name_or_path: str | None = None
     tiny: TinyModelConfig | None = None
+    extend_vocabulary: ExtendVocabularyConfig | None = None
     revision: str | None = None
     dtype: str = "auto"
     attn_implementation: str | None = None
@@ -285,6 +298,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # an optional section: its own errors name the key
+            return build_section(sections[0], value, f"{key}.")
         enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
         if enums:  # `SchedulerType | str`: the string must still be one of the enum's values
             return _coerce(value, enums[0], key)
@@ -431,6 +447,8 @@ def _check_values(cfg: IgeaConfig) -> None:
         raise ConfigError("model: set exactly one of 'model.name_or_path' (hub id or directory) and 'model.tiny'")
     if m.name_or_path is not None and looks_local(m.name_or_path) and not Path(m.name_or_path).is_dir():
         raise ConfigError(f"model.name_or_path: directory '{m.name_or_path}' does not exist")
+    if m.extend_vocabulary is not None:
+        _check_extend_vocabulary(m.extend_vocabulary, d)
     if d.path is None and not d.sources:
         raise ConfigError("data: set 'data.path' (hub id, file, glob or directory) or 'data.sources'")
     if d.path is not None and d.sources:
@@ -461,6 +479,20 @@ def _check_values(cfg: IgeaConfig) -> None:
     check_task_names(e.tasks)
     if e.batch_size < 1:
         raise ConfigError(f"eval.batch_size: {e.batch_size!r} is not allowed; it must be at least 1")
+
+
+def _check_extend_vocabulary(ext: ExtendVocabularyConfig, d: DataConfig) -> None:
+    key = "model.extend_vocabulary"
+    if ext.num_tokens < 1:
+        raise ConfigError(f"{key}.num_tokens: {ext.num_tokens!r} is not allowed; it must be at least 1")
+    if ext.max_documents is not None and ext.max_documents < 1:
+        raise ConfigError(f"{key}.max_documents: {ext.max_documents!r} is not allowed; it must be at least 1")
+    if ext.corpus is not None:
+        resolve_local_files(ext.corpus, f"{key}.corpus")
+    elif d.sources:
+        raise ConfigError(f"{key}.corpus: must be set when the corpus is a mixture (data.sources)")
+    elif d.streaming and ext.max_documents is None:
+        raise ConfigError(f"{key}.max_documents: must be set with data.streaming (a stream is read only in part)")
 
 
 def _check_streaming(d: DataConfig, training: dict[str, Any]) -> None:

@@ -29,7 +29,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def base_model_path(cfg: IgeaConfig) -> str:
-    """Where the base model comes from: the configured hub id / directory, or the tiny model's directory."""
+    """Where the base model comes from: the configured one, or its copy with `model.extend_vocabulary` applied."""
+    if cfg.model.extend_vocabulary is not None:
+        from igea.vocab import ensure_extended_model  # builds it on first use; igea.vocab builds on this module
+
+        return str(ensure_extended_model(cfg))
+    return configured_model_path(cfg)
+
+
+def configured_model_path(cfg: IgeaConfig) -> str:
+    """The model the config names: its hub id / directory, or the tiny model's directory."""
     if cfg.model.name_or_path is not None:
         return cfg.model.name_or_path
     return str(cfg.output_dir / "base-model")
@@ -141,7 +150,7 @@ def _first_line(err: BaseException) -> str:
 
 def ensure_tiny_model(cfg: IgeaConfig) -> Path:
     """Build the tiny base model into `<output_dir>/base-model` unless it is already there."""
-    target = Path(base_model_path(cfg))
+    target = Path(configured_model_path(cfg))
     if (target / "config.json").is_file():
         return target
     from igea.data import read_documents  # the corpus trains the tokenizer
