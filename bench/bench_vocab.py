@@ -6,20 +6,21 @@ the corpus to adapt to is biomedical Italian. Here:
 - the general tokenizer is a SentencePiece-style BPE (Metaspace '▁', byte fallback, as Mistral/Minerva)
   trained on general Italian word frequencies: `wordfreq`'s Italian list (Wikipedia, subtitles, news, books,
   web), each word weighted by its frequency, 15% of it capitalised. No biomedical text goes into it;
-- the base model is a small Mistral with that tokenizer, pretrained on the 100 `dev` abstracts (so its
-  embeddings of the general pieces mean something before the vocabulary grows);
-- `igea vocab`'s machinery (`model.extend_vocabulary` in a run) learns the new tokens on the 593 `train`
-  abstracts; fertility (tokens per word) and bits per byte are measured on the 100 `test` abstracts;
-- then the base model is trained on the `train` abstracts twice, with the base and with the extended
-  vocabulary: same documents, epochs, batch of blocks, learning rate and schedule, so the extended run takes
-  fewer steps. Both are scored in bits per byte on `test` (total NLL / UTF-8 bytes: comparable across
-  tokenizers, unlike per-token loss).
+- the base model is a small Mistral with that tokenizer, pretrained on 396 abstracts (`dev` and the first
+  half of `train`), so that its embeddings of the general pieces mean something before the vocabulary grows;
+- the adaptation corpus is the other half of `train` (297 abstracts): `model.extend_vocabulary` learns the
+  new tokens on it, and the base model is trained on it twice, with the base and with the extended
+  vocabulary: same documents, epochs, batch of blocks, learning rate and schedule (so the extended run
+  takes fewer steps);
+- everything is scored on the 100 `test` abstracts: fertility (tokens per word), and bits per byte (total
+  NLL / UTF-8 bytes: comparable across tokenizers, unlike per-token loss) before and after training.
 
-Also measured, on the untrained extended model: other initialisations of the new rows (output rows from the
-first piece; transformers' `resize_token_embeddings` default), and `tokenizer.add_tokens` with the same
-number of whole words (with and without their leading space) instead of new BPE merges.
+Also measured: on the untrained extended model, other initialisations of the new rows (output rows from the
+first piece; transformers' `resize_token_embeddings` default); `tokenizer.add_tokens` with the same number
+of whole words (with and without their leading space) instead of new BPE merges; and the fertility change
+with general tokenizers of other sizes (Minerva's is 32768), tokenizers only.
 
-    python bench/bench_vocab.py           # vocab 8192, 1,000 new tokens, hidden 64, 2 layers (about 15 min)
+    python bench/bench_vocab.py           # vocab 8192, 1,000 new tokens, hidden 128, 2 layers (about 20 min)
     python bench/bench_vocab.py --quick   # a minute, for CI: the same steps, tiny sizes
 """
 
@@ -42,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Mis
 import igea
 from igea.config import config_from_dict
 from igea.modeling import SPECIAL_TOKENS
-from igea.vocab import REPORT, fertility, word_counts
+from igea.vocab import REPORT, fertility, learn_merges, save_extended_tokenizer, word_counts
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ncbi-disease-it"
 
@@ -148,15 +149,15 @@ def other_inits(base_dir: Path, extended_dir: Path, texts: list[str]) -> dict[st
     return results
 
 
-def add_tokens_variants(base_dir: Path, train: list[str], test: list[str], num_tokens: int) -> dict[str, Any]:
-    """`tokenizer.add_tokens` with the `num_tokens` whole words that save the most tokens in `train`.
+def add_tokens_variants(base_dir: Path, corpus: list[str], test: list[str], num_tokens: int) -> dict[str, Any]:
+    """`tokenizer.add_tokens` with the `num_tokens` whole words that save the most tokens in `corpus`.
 
     `plain`: the words as they are (what users usually do); `leading_space`: each word with the space before
     it, as it occurs in running text. Reported: fertility on `test`, how many `test` documents still decode
     to themselves, and how often an added word matched inside a longer word.
     """
     base = AutoTokenizer.from_pretrained(base_dir)
-    counts = word_counts(base, train)
+    counts = word_counts(base, corpus)
     backend = base.backend_tokenizer
     saving = Counter({w: c * (len(backend.model.tokenize(w)) - 1) for w, c in counts.items()})
     words = [w.removeprefix("\u2581") for w, _ in saving.most_common() if w.startswith("\u2581")][:num_tokens]
@@ -173,6 +174,21 @@ def add_tokens_variants(base_dir: Path, train: list[str], test: list[str], num_t
     return results
 
 
+def fertility_by_vocab_size(sizes: list[int], args: argparse.Namespace, adapt: list[str],
+                            test: list[str]) -> dict[int, dict[str, float]]:
+    """Fertility on `test` of general tokenizers of other sizes, before and after `igea vocab`'s merges."""
+    results = {}
+    for size in sizes:
+        tokenizer = general_tokenizer(size, args.general_words)
+        merges = learn_merges(tokenizer, adapt, args.num_tokens)
+        with tempfile.TemporaryDirectory() as scratch:
+            save_extended_tokenizer(tokenizer, merges, list(dict.fromkeys(m.token for m in merges)), Path(scratch))
+            before, after = fertility(tokenizer, test), fertility(AutoTokenizer.from_pretrained(scratch), test)
+        results[size] = {"before": before, "after": after, "change": after / before - 1}
+        print(f"vocab {size}: fertility {before:.3f} -> {after:.3f} ({after / before - 1:+.1%})", flush=True)
+    return results
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -183,12 +199,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--general-words", type=int, default=20_000_000,
                         help="word occurrences the general tokenizer is trained on")
     parser.add_argument("--num-tokens", type=int, default=1000, help="tokens to add")
-    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--pretrain-epochs", type=float, default=6, help="epochs of the base model on `dev`")
-    parser.add_argument("--epochs", type=float, default=2, help="epochs of continued pretraining on `train`")
+    parser.add_argument("--pretrain-epochs", type=float, default=4, help="epochs of the base model's pretraining")
+    parser.add_argument("--epochs", type=float, default=2, help="epochs of continued pretraining, both runs")
+    parser.add_argument("--scan-vocab-sizes", default="16384,32768",
+                        help="general tokenizer sizes whose fertility change is measured too ('' for none)")
     parser.add_argument("--limit", type=int, help="use only the first N documents of each split")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (torch.set_num_threads)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a fraction of an epoch (for CI)")
@@ -196,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.vocab_size, args.general_words, args.num_tokens = 1024, 300_000, 100
         args.hidden_size, args.layers, args.block_size, args.batch_size = 32, 1, 64, 8
-        args.pretrain_epochs, args.epochs, args.limit = 1, 1, 60
+        args.pretrain_epochs, args.epochs, args.limit, args.scan_vocab_sizes = 1, 1, 60, ""
     return args
 
 
@@ -205,22 +223,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
     test = read_split(args.data, "test", args.limit)
+    train = read_split(args.data, "train", args.limit)
+    half = len(train) // 2
+    pretrain_texts, adapt = read_split(args.data, "dev", args.limit) + train[:half], train[half:]
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        for split in ("train", "dev"):  # the (limited) splits as files for the runs
-            texts = read_split(args.data, split, args.limit)
-            (work / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), "utf-8")
-        train = read_split(args.data, "train", args.limit)
+        for name, texts in (("pretrain", pretrain_texts), ("adapt", adapt)):
+            (work / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), "utf-8")
         start = time.perf_counter()
         tokenizer = general_tokenizer(args.vocab_size, args.general_words)
-        print(f"general tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - start:.0f} s")
+        print(f"general tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - start:.0f} s", flush=True)
         base_dir, pretrain = train_run("pretrained", random_model(tokenizer, args, work / "random"),
-                                       work / "dev.jsonl", args.pretrain_epochs, 2e-3, args, work)
-        print(f"base model pretrained on dev: {pretrain}")
+                                       work / "pretrain.jsonl", args.pretrain_epochs, 2e-3, args, work)
+        print(f"base model: {pretrain}", flush=True)
 
         extend = {"extend_vocabulary": {"num_tokens": args.num_tokens}}
-        runs = {"base": train_run("base", base_dir, work / "train.jsonl", args.epochs, 1e-3, args, work),
-                "extended": train_run("extended", base_dir, work / "train.jsonl", args.epochs, 1e-3, args, work,
+        runs = {"base": train_run("base", base_dir, work / "adapt.jsonl", args.epochs, 1e-3, args, work),
+                "extended": train_run("extended", base_dir, work / "adapt.jsonl", args.epochs, 1e-3, args, work,
                                       **extend)}
         extended_dir = work / "extended" / "base-model-extended"
         report = json.loads((extended_dir / REPORT).read_text(encoding="utf-8"))
@@ -229,7 +248,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         untrained = {"base": score(base_dir, test), "extended": score(extended_dir, test),
                      **other_inits(base_dir, extended_dir, test)}
         trained = {name: score(run_dir, test) for name, (run_dir, _) in runs.items()}
-        variants = add_tokens_variants(base_dir, train, test, args.num_tokens)
+        variants = add_tokens_variants(base_dir, adapt, test, args.num_tokens)
+    sizes = [int(x) for x in args.scan_vocab_sizes.split(",") if x.strip()]
+    scan = fertility_by_vocab_size(sizes, args, adapt, test)
 
     stats = {name: s for name, (_, s) in runs.items()}
     result = {
@@ -242,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_tokens_change": stats["extended"]["train_tokens"] / stats["base"]["train_tokens"] - 1,
         "bpb_untrained": untrained, "bpb_trained": trained,
         "bpb_trained_change": trained["extended"] / trained["base"] - 1,
-        "runs": stats, "pretrain": pretrain, "add_tokens": variants,
+        "runs": stats, "pretrain": pretrain, "add_tokens": variants, "fertility_by_vocab_size": scan,
         "first_new_tokens": [t["token"] for t in report["new_tokens"][:12]],  # '▁' marks a word start
     }
     print(f"fertility on test: {fertility_base:.3f} -> {fertility_ext:.3f} tokens/word "

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, Mi
 import igea
 from igea.cli import main
 from igea.config import config_from_dict
-from igea.modeling import base_model_path
+from igea.modeling import base_model_path, load_tokenizer
 from igea.vocab import REPORT, word_counts
 
 from conftest import config_dict, make_config, real_abstracts, write_config
@@ -161,9 +161,13 @@ def test_bits_per_byte_scores_every_token_once_in_windows_or_whole(tiny_model_di
 # A SentencePiece-style tokenizer ('▁' word starts, byte fallback: Mistral, Llama 2, Minerva)
 
 
-@pytest.fixture(scope="module")
-def sentencepiece_model_dir(tmp_path_factory) -> Path:
-    """A Llama-style BPE tokenizer (Metaspace, byte fallback) and a tiny Mistral with tied embeddings."""
+@pytest.fixture(scope="module", params=["metaspace", "legacy"])
+def sentencepiece_model(request, tmp_path_factory) -> tuple[Path, str]:
+    """A Llama-style BPE tokenizer (byte fallback) and a tiny Mistral with tied embeddings.
+
+    `metaspace`: '▁' comes from a Metaspace pre-tokenizer (transformers 5's LlamaTokenizer); `legacy`: from a
+    normalizer, with no pre-tokenizer (the tokenizer.json of Mistral 7B v0.1 and Llama 2).
+    """
     core = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     special = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
@@ -178,10 +182,21 @@ def sentencepiece_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     MistralForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return out
+    if request.param == "legacy":
+        path = out / "tokenizer.json"
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        ]}
+        spec["pre_tokenizer"] = None
+        path.write_text(json.dumps(spec), encoding="utf-8")
+        assert AutoTokenizer.from_pretrained(out).backend_tokenizer.pre_tokenizer is None
+    return out, request.param
 
 
-def test_sentencepiece_style_tokenizer_is_extended_within_words(sentencepiece_model_dir, tmp_path):
+def test_sentencepiece_style_tokenizer_is_extended_within_words(sentencepiece_model, tmp_path):
+    sentencepiece_model_dir, style = sentencepiece_model
     out = tmp_path / "ext"
     report = igea.extend_vocabulary(str(sentencepiece_model_dir), real_abstracts("train"), 100, out,
                                     heldout_texts=real_abstracts("test", 20))
@@ -189,10 +204,12 @@ def test_sentencepiece_style_tokenizer_is_extended_within_words(sentencepiece_mo
     assert all("\u2581" not in t["token"][1:] and not t["token"].startswith("<0x") for t in report["new_tokens"])
     test = real_abstracts("test", 20)
     assert check_segmentation(sentencepiece_model_dir, out, test) > 100
-    auto, llama = AutoTokenizer.from_pretrained(out), LlamaTokenizer.from_pretrained(out)  # both loading paths
+    auto = AutoTokenizer.from_pretrained(out)
     for text in test:
-        assert auto(text)["input_ids"] == llama(text)["input_ids"]
         assert auto.decode(auto(text, add_special_tokens=False)["input_ids"]) == text
+    if style == "metaspace":  # LlamaTokenizer rebuilds its pipeline from the vocab and merges of tokenizer.json
+        llama = LlamaTokenizer.from_pretrained(out)
+        assert all(auto(text)["input_ids"] == llama(text)["input_ids"] for text in test)
     word = next(t for t in report["new_tokens"] if t["token"].startswith("\u2581") and len(t["token"]) > 5)
     assert word["id"] in auto(f"Nello studio {word['token'][1:]}, poi.")["input_ids"]  # followed by punctuation
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -258,6 +275,16 @@ def test_run_builds_the_extended_base_model_once_and_trains_it(tiny_model_dir, c
     changed = make_config(tmp_path, tiny_model_dir, corpus_file, model={"extend_vocabulary": {"num_tokens": 31}})
     with pytest.raises(igea.IgeaError, match="was built with"):
         base_model_path(changed)
+
+
+def test_tiny_model_is_built_then_extended(corpus_file, tmp_path):
+    shape = {"vocab_size": 300, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "intermediate_size": 32}
+    raw = config_dict(tmp_path / "run", tmp_path, corpus_file, model={"extend_vocabulary": {"num_tokens": 20}})
+    raw["model"] = {"tiny": shape, "extend_vocabulary": {"num_tokens": 20}}
+    tokenizer = load_tokenizer(config_from_dict(raw))
+    assert len(tokenizer) == 300 + 20 and tokenizer.name_or_path == str(tmp_path / "run" / "base-model-extended")
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "run" / "base-model")) == 300
 
 
 @pytest.mark.parametrize("section, message", [
