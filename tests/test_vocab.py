@@ -17,7 +17,7 @@ import igea
 from igea.cli import main
 from igea.config import config_from_dict
 from igea.modeling import base_model_path, load_tokenizer
-from igea.vocab import REPORT, word_counts
+from igea.vocab import REPORT, words
 
 from conftest import config_dict, make_config, real_abstracts, write_config
 
@@ -54,16 +54,17 @@ def new_merges(base_dir: Path, extended_dir: Path) -> dict[tuple[str, str], int]
 
 
 def check_segmentation(base_dir: Path, extended_dir: Path, texts: list[str]) -> int:
-    """Every word of `texts` is segmented by the base tokenizer, then by the new merges in order; returns
-    how many word occurrences contain a new token."""
+    """The extended tokenizer encodes each text word by word, each word as the base tokenizer segments it
+    followed by the new merges in order; returns how many new tokens the texts got."""
     base, ext = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(extended_dir)
     ranks = new_merges(base_dir, extended_dir)
     used = 0
-    for word, count in word_counts(base, texts).items():
-        expected = bpe_reference([t.value for t in base.backend_tokenizer.model.tokenize(word)], ranks)
-        got = ext.backend_tokenizer.model.tokenize(word)
-        assert [t.value for t in got] == expected, word
-        used += count * any(t.id >= len(base) for t in got)
+    for text in texts:
+        expected = [piece for word in words(base, text)
+                    for piece in bpe_reference([t.value for t in base.backend_tokenizer.model.tokenize(word)], ranks)]
+        ids = ext(text, add_special_tokens=False)["input_ids"]
+        assert ext.convert_ids_to_tokens(ids) == expected, text
+        used += sum(i >= len(base) for i in ids)
     return used
 
 

@@ -62,8 +62,8 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # byte-fallback tokens are not t
 
 @dataclass
 class Merge:
-    """One learned merge rule: `left` + `right` -> `token` (spelled as the BPE model spells tokens), and how
-    many times it applied in the corpus."""
+    """One learned merge rule, `left` + `right` -> `token` (spelled as in the BPE vocabulary), and how often it
+    applied in the corpus."""
 
     left: str
     right: str
@@ -173,21 +173,24 @@ def check_extensible(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
 # Learning the merges
 
 
-def word_counts(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> Counter[str]:
-    """How often each word occurs in `texts`, a word as the BPE model sees it (normalized, pre-tokenized).
+def words(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
+    """The words of `text` in order, a word as the BPE model sees it (normalized, pre-tokenized).
 
-    SentencePiece-style tokenizers hand the model the whole text: it is cut before every '▁', as no merge
+    SentencePiece-style tokenizers may hand the model the whole text: it is cut before every '▁', as no merge
     crosses a word start.
     """
     backend = tokenizer.backend_tokenizer
-    normalizer, pre_tokenizer = backend.normalizer, backend.pre_tokenizer
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    parts = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
+    return [word for part, _ in parts for word in WORD_START.split(part) if word]
+
+
+def word_counts(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> Counter[str]:
+    """How often each word (see `words`) occurs in `texts`."""
     counts: Counter[str] = Counter()
     for text in texts:
-        if normalizer is not None:
-            text = normalizer.normalize_str(text)
-        parts = pre_tokenizer.pre_tokenize_str(text) if pre_tokenizer is not None else [(text, None)]
-        for part, _ in parts:
-            counts.update(w for w in WORD_START.split(part) if w)
+        counts.update(words(tokenizer, text))
     return counts
 
 
