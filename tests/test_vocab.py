@@ -17,7 +17,7 @@ import igea
 from igea.cli import main
 from igea.config import config_from_dict
 from igea.modeling import base_model_path, load_tokenizer
-from igea.vocab import REPORT, words
+from igea.vocab import REPORT, hold_out, words
 
 from conftest import config_dict, make_config, real_abstracts, write_config
 
@@ -224,7 +224,7 @@ def test_sentencepiece_style_tokenizer_is_extended_within_words(sentencepiece_mo
 def test_cli_writes_an_extended_model_and_its_report(tiny_model_dir, corpus_file, tmp_path, capsys):
     out = tmp_path / "ext"
     assert main(["vocab", str(tiny_model_dir), "--corpus", str(corpus_file), "--num-tokens", "40",
-                 "--output", str(out)]) == 0
+                 "--output", str(out), "--bits-per-byte"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed[:printed.rindex("}") + 1])
     saved = json.loads((out / REPORT).read_text(encoding="utf-8"))
@@ -232,6 +232,12 @@ def test_cli_writes_an_extended_model_and_its_report(tiny_model_dir, corpus_file
     assert summary["documents"] + summary["heldout_documents"] == len(real_abstracts("train"))
     assert summary["heldout_documents"] == round(0.05 * len(real_abstracts("train")))
     assert summary["fertility"]["after"] < summary["fertility"]["before"]
+    _, heldout = hold_out(corpus_file.read_text(encoding="utf-8").splitlines())  # the documents left out
+    assert summary["fertility"]["before"] == igea.fertility(AutoTokenizer.from_pretrained(tiny_model_dir), heldout)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    expected = igea.bits_per_byte(base, AutoTokenizer.from_pretrained(tiny_model_dir), heldout)
+    assert summary["bits_per_byte"]["before"] == pytest.approx(expected, rel=1e-6)
+    assert summary["bits_per_byte"]["documents"] == len(heldout) and 0 < summary["bits_per_byte"]["after"] < 16
     assert (out / "model.safetensors").is_file() and not (out.parent / "ext.tmp").exists()
 
 
