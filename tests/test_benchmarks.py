@@ -62,7 +62,8 @@ def test_vocab_benchmark_extends_a_general_tokenizer_and_trains_both_vocabularie
     assert result["runs"]["extended"]["train_tokens"] < result["runs"]["base"]["train_tokens"]
     assert result["runs"]["extended"]["steps"] < result["runs"]["base"]["steps"]
     assert all(0 < v < 20 for v in [*result["bpb_untrained"].values(), *result["bpb_trained"].values()])
-    assert result["add_tokens"]["plain"]["matches_inside_longer_words"] > 0
+    assert result["add_tokens"]["plain"]["starting_inside_words"] > 0 == result["add_tokens"]["leading_space"][
+        "starting_inside_words"]
 
 
 def test_gpu_benchmark_smoke_test_runs_every_default_variant_on_cpu():
