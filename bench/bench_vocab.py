@@ -15,10 +15,11 @@ the corpus to adapt to is biomedical Italian. Here:
 - everything is scored on the 100 `test` abstracts: fertility (tokens per word), and bits per byte (total
   NLL / UTF-8 bytes: comparable across tokenizers, unlike per-token loss) before and after training.
 
-Also measured: on the untrained extended model, other initialisations of the new rows (output rows from the
-first piece; transformers' `resize_token_embeddings` default); `tokenizer.add_tokens` with the same number
-of whole words (with and without their leading space) instead of new BPE merges; and the fertility change
-with general tokenizers of other sizes (Minerva's is 32768), tokenizers only.
+Also measured: on the untrained extended model, other initialisations of the new rows (plain mean of the
+pieces; output rows from the first piece; transformers' `resize_token_embeddings` default);
+`tokenizer.add_tokens` with the same number of whole words (with and without their leading space) instead of
+new BPE merges; and the fertility change with general tokenizers of other sizes (Minerva's is 32768),
+tokenizers only.
 
     python bench/bench_vocab.py           # vocab 8192, 1,000 new tokens, hidden 128, 2 layers (about 20 min)
     python bench/bench_vocab.py --quick   # a minute, for CI: the same steps, tiny sizes
@@ -136,11 +137,15 @@ def other_inits(base_dir: Path, extended_dir: Path, texts: list[str]) -> dict[st
     report = json.loads((extended_dir / REPORT).read_text(encoding="utf-8"))
     base = AutoTokenizer.from_pretrained(base_dir)
     results = {}
-    model = AutoModelForCausalLM.from_pretrained(extended_dir)
-    head = model.get_output_embeddings().weight
-    for token in report["new_tokens"]:
-        head[token["id"]] = head[base.convert_tokens_to_ids(token["pieces"][0])]
-    results["output_first_piece"] = igea.bits_per_byte(model, tokenizer, texts)
+    for name, row in (("mean_of_pieces", lambda rows: rows.mean(dim=0)),
+                      ("input_mean_output_first_piece", lambda rows: rows[0])):
+        model = AutoModelForCausalLM.from_pretrained(extended_dir)
+        inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        for token in report["new_tokens"]:
+            ids = base.convert_tokens_to_ids(token["pieces"])
+            inputs[token["id"]] = inputs[ids].mean(dim=0)
+            outputs[token["id"]] = row(outputs[ids])
+        results[name] = igea.bits_per_byte(model, tokenizer, texts)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     torch.manual_seed(0)
     model.resize_token_embeddings(len(tokenizer))  # transformers' default: drawn around the mean embedding

@@ -1,5 +1,5 @@
 """Domain vocabulary (igea.vocab, `igea vocab`, `model.extend_vocabulary`): new tokens are used where they
-should be and nowhere else, old ids and rows stay, new rows start as their pieces' mean, and the result trains."""
+should be and nowhere else, old ids and rows stay, new rows start from their pieces' rows, and the result trains."""
 
 from __future__ import annotations
 
@@ -105,16 +105,19 @@ def test_old_ids_and_old_rows_are_unchanged(tiny_model_dir, extended):
         assert torch.allclose(new(ids).logits[..., :n], old(ids).logits, atol=1e-5)
 
 
-def test_new_rows_start_as_the_mean_of_their_pieces(tiny_model_dir, extended):
+def test_new_rows_start_as_weighted_means_of_their_pieces(tiny_model_dir, extended):
+    """Input rows: each piece weighs twice the one before it; output rows: half."""
     out, report = extended
     base = AutoTokenizer.from_pretrained(tiny_model_dir)
     old, new = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(out)
-    for get in ("get_input_embeddings", "get_output_embeddings"):
+    for get, later in (("get_input_embeddings", True), ("get_output_embeddings", False)):
         before, after = getattr(old, get)().weight, getattr(new, get)().weight
         for token in report["new_tokens"]:
             ids = base.convert_tokens_to_ids(token["pieces"])
             assert "".join(token["pieces"]) == token["token"] and len(ids) >= 2
-            assert torch.allclose(after[token["id"]], before[ids].mean(dim=0), atol=1e-6)
+            weights = [2.0 ** i for i in range(len(ids))]
+            weights = torch.tensor(weights if later else weights[::-1]) / sum(weights)
+            assert torch.allclose(after[token["id"]], weights @ before[ids], atol=1e-6)
 
 
 def test_fertility_drops_on_held_out_text(tiny_model_dir, extended):
@@ -214,7 +217,11 @@ def test_sentencepiece_style_tokenizer_is_extended_within_words(sentencepiece_mo
     word = next(t for t in report["new_tokens"] if t["token"].startswith("\u2581") and len(t["token"]) > 5)
     assert word["id"] in auto(f"Nello studio {word['token'][1:]}, poi.")["input_ids"]  # followed by punctuation
     model = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(sentencepiece_model_dir)
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    pieces = AutoTokenizer.from_pretrained(sentencepiece_model_dir).convert_tokens_to_ids(word["pieces"])
+    assert torch.allclose(model.get_input_embeddings().weight[word["id"]],  # tied: the plain mean
+                          base.get_input_embeddings().weight[pieces].mean(dim=0), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
