@@ -53,6 +53,19 @@ def test_train_benchmark_trains_both_trainers_on_the_same_batches():
     assert result["ratio"] == pytest.approx(result["igea_tokens_per_s"] / result["plain_tokens_per_s"], rel=1e-2)
 
 
+@needs_shared_data
+def test_vocab_benchmark_extends_a_general_tokenizer_and_trains_both_vocabularies():
+    [result] = run_bench("bench_vocab.py", "--quick")
+
+    assert result["tokens_added"] == result["num_tokens"] == 100
+    assert result["fertility_extended"] < result["fertility_base"]
+    assert result["runs"]["extended"]["train_tokens"] < result["runs"]["base"]["train_tokens"]
+    assert result["runs"]["extended"]["steps"] < result["runs"]["base"]["steps"]
+    assert all(0 < v < 20 for v in [*result["bpb_untrained"].values(), *result["bpb_trained"].values()])
+    assert result["add_tokens"]["plain"]["starting_inside_words"] > 0 == result["add_tokens"]["leading_space"][
+        "starting_inside_words"]
+
+
 def test_gpu_benchmark_smoke_test_runs_every_default_variant_on_cpu():
     results = {r["variant"]: r for r in run_bench("gpu_throughput.py", "--tiny")}
 

@@ -21,8 +21,11 @@ _EXPORTS = {
     "IgeaError": "igea.errors",
     "PreparedData": "igea.data",
     "RunResult": "igea.train",
+    "bits_per_byte": "igea.vocab",
     "build_tiny_model": "igea.modeling",
     "evaluate": "igea.evaluate",
+    "extend_vocabulary": "igea.vocab",
+    "fertility": "igea.vocab",
     "generate": "igea.generate",
     "load_config": "igea.config",
     "load_model": "igea.modeling",
@@ -33,7 +36,8 @@ _EXPORTS = {
 
 __all__ = [
     "Completion", "ConfigError", "Generator", "IgeaConfig", "IgeaError", "PreparedData", "RunResult", "__version__",
-    "build_tiny_model", "evaluate", "generate", "load_config", "load_model", "prepare_dataset", "run", "train",
+    "bits_per_byte", "build_tiny_model", "evaluate", "extend_vocabulary", "fertility", "generate", "load_config",
+    "load_model", "prepare_dataset", "run", "train",
 ]
 
 if TYPE_CHECKING:  # what editors and type checkers see
@@ -45,6 +49,7 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from igea.modeling import build_tiny_model, load_model
     from igea.run import run
     from igea.train import RunResult, train
+    from igea.vocab import bits_per_byte, extend_vocabulary, fertility
 
 
 def __getattr__(name: str) -> Any:

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"igea {igea.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for add in (add_init, add_train, add_prepare, add_generate, add_card, add_eval):
+    for add in (add_init, add_train, add_prepare, add_generate, add_card, add_eval, add_vocab):
         add(commands)
     return parser
 
@@ -243,3 +243,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from igea.evaluate import run_cli
 
     return run_cli(args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# igea vocab
+
+
+def add_vocab(commands) -> None:
+    parser = _command(commands, "vocab", cmd_vocab,
+                      "add tokens for a corpus' frequent words that the tokenizer splits into pieces")
+    parser.add_argument("model", help="model directory, run directory or hub id")
+    parser.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
+                        help="text to learn the tokens on: files, globs, directories or a hub dataset id")
+    parser.add_argument("--num-tokens", type=int, required=True, metavar="N", help="how many tokens to add")
+    parser.add_argument("--output", required=True, metavar="DIR", help="new (or empty) directory for the model")
+    parser.add_argument("--heldout", nargs="+", metavar="FILE",
+                        help="text to measure fertility on (default: 5%% of the corpus, left out of the counts)")
+    parser.add_argument("--text-column", default="text", help="column of .jsonl/.csv/.parquet files and datasets")
+    parser.add_argument("--max-documents", type=int, metavar="N", help="read at most N documents of the corpus")
+    parser.add_argument("--bits-per-byte", action="store_true",
+                        help="also score the base and the extended (untrained) model on the held-out text")
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from igea.config import DataConfig, ModelConfig
+    from igea.vocab import REPORT, check_output_dir, hold_out, read_texts
+
+    if args.num_tokens < 1:
+        raise IgeaError(f"--num-tokens: {args.num_tokens} is not allowed; it must be at least 1")
+    if args.max_documents is not None and args.max_documents < 1:
+        raise IgeaError(f"--max-documents: {args.max_documents} is not allowed; it must be at least 1")
+    check_output_dir(Path(args.output))
+    corpus = args.corpus[0] if len(args.corpus) == 1 else args.corpus  # a hub id is a str
+    reading = DataConfig(text_column=args.text_column)
+    texts = read_texts(corpus, "--corpus", reading, args.max_documents)
+    if args.heldout:
+        heldout = read_texts(args.heldout[0] if len(args.heldout) == 1 else args.heldout, "--heldout", reading)
+    else:
+        texts, heldout = hold_out(texts)
+    model_config = ModelConfig(name_or_path=args.model, trust_remote_code=args.trust_remote_code)
+    report = igea.extend_vocabulary(args.model, texts, args.num_tokens, args.output, heldout_texts=heldout,
+                                    measure_bits_per_byte=args.bits_per_byte, model_config=model_config,
+                                    corpus=corpus)
+    summary = {k: v for k, v in report.items() if k != "new_tokens"}
+    summary["first_new_tokens"] = [t["token"] for t in report["new_tokens"][:20]]  # as the vocabulary spells them
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    print(f"\nextended model saved in {args.output} (all {len(report['new_tokens'])} new tokens in {REPORT})")
+    return 0

@@ -113,6 +113,26 @@ class TinyModelConfig(Section):
 
 
 @dataclass
+class ExtendVocabularyConfig(Section):
+    """New tokens for the corpus' frequent words that the base tokenizer splits into pieces (igea.vocab).
+
+    The run builds the extended base model into `<output_dir>/base-model-extended` once, then trains it.
+    """
+
+    KEY: ClassVar[str] = "model.extend_vocabulary"
+
+    num_tokens: int  # how many tokens to add (new BPE merges learned on the corpus)
+    corpus: str | list[str] | None = None  # files, globs, directories or a hub id; default: the run's training split
+    max_documents: int | None = None  # read at most this many documents of the corpus
+
+    def check(self) -> None:
+        _at_least(self, "num_tokens", 1)
+        _at_least(self, "max_documents", 1)
+        if self.corpus is not None:
+            resolve_local_files(self.corpus, f"{self.KEY}.corpus")
+
+
+@dataclass
 class ModelConfig(Section):
     """The base model: a hub id or a local directory, or a tiny Mistral built on the fly."""
 
@@ -120,6 +140,7 @@ class ModelConfig(Section):
 
     name_or_path: str | None = None
     tiny: TinyModelConfig | None = None
+    extend_vocabulary: ExtendVocabularyConfig | None = None
     revision: str | None = None
     dtype: str = "auto"
     attn_implementation: str | None = None
@@ -669,6 +690,13 @@ def _check_across_sections(cfg: IgeaConfig) -> None:
         raise ConfigError("data: set 'data.path' (hub id, file, glob or directory) or 'data.sources'")
     if cfg.data.streaming:
         _check_streaming(cfg.data, cfg.training)
+    ext = cfg.model.extend_vocabulary
+    if ext is not None and ext.corpus is None:  # it learns on the run's own training split
+        key = "model.extend_vocabulary"
+        if cfg.data.sources:
+            raise ConfigError(f"{key}.corpus: must be set when the corpus is a mixture (data.sources)")
+        if cfg.data.streaming and ext.max_documents is None:
+            raise ConfigError(f"{key}.max_documents: must be set with data.streaming (a stream is read only in part)")
 
 
 def _choice(section: Section, name: str, allowed: tuple[str, ...]) -> None:

@@ -32,7 +32,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def base_model_path(cfg: IgeaConfig) -> str:
-    """Where the base model comes from: the configured hub id / directory, or the tiny model's directory."""
+    """Where the base model comes from: the configured one, or its copy with `model.extend_vocabulary` applied."""
+    if cfg.model.extend_vocabulary is not None:
+        from igea.vocab import ensure_extended_model  # builds it on first use; igea.vocab builds on this module
+
+        return str(ensure_extended_model(cfg))
+    return configured_model_path(cfg)
+
+
+def configured_model_path(cfg: IgeaConfig) -> str:
+    """The model the config names: its hub id / directory, or the tiny model's directory."""
     if cfg.model.name_or_path is not None:
         return cfg.model.name_or_path
     return str(cfg.output_dir / "base-model")
@@ -153,7 +162,7 @@ TOKENIZER_CORPUS_KEYS = ("path", "sources", "name", "split", "revision", "text_c
 
 def ensure_tiny_model(cfg: IgeaConfig) -> Path:
     """Build the tiny base model into `<output_dir>/base-model` unless the one there was built the same way."""
-    target = Path(base_model_path(cfg))
+    target = Path(configured_model_path(cfg))
     data = dataclasses.asdict(cfg.data)
     recipe = {"tiny": dataclasses.asdict(cfg.model.tiny), "corpus": {k: data[k] for k in TOKENIZER_CORPUS_KEYS}}
     recipe = json.loads(json.dumps(recipe, default=str))

@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 from igea.config import IgeaConfig
 from igea.errors import ConfigError
-from igea.modeling import base_model_path, model_context_length
+from igea.modeling import configured_model_path, model_context_length
 from igea.tasks import load_tasks
 
 
@@ -21,7 +21,7 @@ def check_before_training(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase) -
 
 def check_block_size(cfg: IgeaConfig) -> int | None:
     """Refuse blocks longer than the positions the model was built for; return the model's context."""
-    context = model_context_length(base_model_path(cfg), cfg.model)
+    context = model_context_length(configured_model_path(cfg), cfg.model)
     if context is not None and cfg.data.block_size > context:
         raise ConfigError(
             f"data.block_size: {cfg.data.block_size} is longer than the model's context ({context} positions)"

@@ -1,0 +1,289 @@
+"""Domain vocabulary: a general Italian tokenizer extended on biomedical abstracts, before and after training.
+
+Minerva's situation, scaled down. Minerva's tokenizer was trained on general Italian (and English) web text;
+the corpus to adapt to is biomedical Italian. Here:
+
+- the general tokenizer is a SentencePiece-style BPE (Metaspace '▁', byte fallback, as Mistral/Minerva)
+  trained on general Italian word frequencies: `wordfreq`'s Italian list (Wikipedia, subtitles, news, books,
+  web), each word weighted by its frequency, 15% of it capitalised. No biomedical text goes into it;
+- the base model is a small Mistral with that tokenizer, pretrained on 396 abstracts (`dev` and the first
+  half of `train`), so that its embeddings of the general pieces mean something before the vocabulary grows;
+- the adaptation corpus is the other half of `train` (297 abstracts): `model.extend_vocabulary` learns the
+  new tokens on it, and the base model is trained on it twice, with the base and with the extended
+  vocabulary: same documents, epochs, batch of blocks, learning rate and schedule (so the extended run
+  takes fewer steps);
+- everything is scored on the 100 `test` abstracts: fertility (tokens per word), and bits per byte (total
+  NLL / UTF-8 bytes: comparable across tokenizers, unlike per-token loss) before and after training.
+
+Also measured: on the untrained extended model, other initialisations of the new rows (plain mean of the
+pieces; output rows from the first piece; transformers' `resize_token_embeddings` default);
+`tokenizer.add_tokens` with the same number of whole words (with and without their leading space) instead of
+new BPE merges; and the fertility change with general tokenizers of other sizes (Minerva's is 32768),
+tokenizers only.
+
+    python bench/bench_vocab.py           # vocab 8192, 1,000 new tokens, hidden 128, 2 layers (about 20 min)
+    python bench/bench_vocab.py --quick   # a minute, for CI: the same steps, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+import igea
+from igea.config import config_from_dict
+from igea.modeling import SPECIAL_TOKENS
+from igea.vocab import REPORT, fertility, learn_merges, save_extended_tokenizer, word_counts
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ncbi-disease-it"
+
+
+def read_split(data: Path, split: str, limit: int | None = None) -> list[str]:
+    lines = (data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in lines if line.strip()]
+    return texts[:limit] if limit else texts
+
+
+def general_tokenizer(vocab_size: int, words: int) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE trained on `words` occurrences of Italian words drawn by wordfreq's frequencies."""
+    import wordfreq
+
+    def corpus():
+        for word, share in wordfreq.get_frequency_dict("it", "large").items():
+            count = round(share * words)
+            if count < 1:
+                return
+            capitalised = round(count * 0.15) if word[:1].islower() else 0
+            yield " ".join([word] * (count - capitalised))
+            if capitalised:
+                yield " ".join([word[:1].upper() + word[1:]] * capitalised)
+
+    core = Tokenizer(models.BPE(byte_fallback=True, unk_token=SPECIAL_TOKENS["unk_token"]))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    core.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS.values(), *byte_tokens],
+                                  show_progress=False)
+    core.train_from_iterator(corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
+    tokenizer.model_max_length = 1_000_000
+    return tokenizer
+
+
+def random_model(tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace, out_dir: Path) -> Path:
+    """A randomly initialised Mistral of the asked shape with `tokenizer`, saved as a model directory."""
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size,
+        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=args.block_size * 4, sliding_window=None, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def train_run(name: str, model_dir: Path, corpus: Path, epochs: float, lr: float, args: argparse.Namespace,
+              work: Path, **model: Any) -> tuple[Path, dict[str, Any]]:
+    """`igea train` on `corpus` (no validation split) from `model_dir`; the run directory and its metrics."""
+    cfg = config_from_dict({
+        "model": {"name_or_path": str(model_dir), **model},
+        "data": {"path": str(corpus), "block_size": args.block_size, "validation_split": 0,
+                 "cache_dir": str(work / "cache")},
+        "training": {
+            "output_dir": str(work / name), "learning_rate": lr, "num_train_epochs": epochs,
+            "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
+            "warmup_ratio": 0.05, "lr_scheduler_type": "cosine", "weight_decay": 0.0, "seed": 42,
+            "save_strategy": "no", "logging_steps": 10_000, "use_cpu": True, "disable_tqdm": True,
+        },
+    })
+    print(f"training {name}: {epochs:g} epochs on {corpus.name}", flush=True)
+    start = time.perf_counter()
+    result = igea.train(cfg)
+    seconds = time.perf_counter() - start
+    data = result.metrics["data"]["train"]
+    stats = {"train_tokens": data["tokens"], "train_blocks": data["blocks"], "epochs": epochs,
+             "steps": result.log_history[-1]["step"], "train_loss": result.metrics["train"]["train_loss"],
+             "seconds": round(seconds, 1)}
+    return result.output_dir, stats
+
+
+def score(path: Path, texts: list[str]) -> float:
+    """Bits per byte of the model in `path` on `texts`."""
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return igea.bits_per_byte(model, AutoTokenizer.from_pretrained(path), texts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Other ways to add tokens, measured on the same budget
+
+
+@torch.no_grad()
+def other_inits(base_dir: Path, extended_dir: Path, texts: list[str]) -> dict[str, float]:
+    """Bits per byte of the untrained extended model with other initialisations of the new rows."""
+    tokenizer = AutoTokenizer.from_pretrained(extended_dir)
+    report = json.loads((extended_dir / REPORT).read_text(encoding="utf-8"))
+    base = AutoTokenizer.from_pretrained(base_dir)
+    results = {}
+    for name, row in (("mean_of_pieces", lambda rows: rows.mean(dim=0)),
+                      ("input_mean_output_first_piece", lambda rows: rows[0])):
+        model = AutoModelForCausalLM.from_pretrained(extended_dir)
+        inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        for token in report["new_tokens"]:
+            ids = base.convert_tokens_to_ids(token["pieces"])
+            inputs[token["id"]] = inputs[ids].mean(dim=0)
+            outputs[token["id"]] = row(outputs[ids])
+        results[name] = igea.bits_per_byte(model, tokenizer, texts)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(0)
+    model.resize_token_embeddings(len(tokenizer))  # transformers' default: drawn around the mean embedding
+    results["transformers_resize_default"] = igea.bits_per_byte(model, tokenizer, texts)
+    return results
+
+
+def add_tokens_variants(base_dir: Path, corpus: list[str], test: list[str], num_tokens: int) -> dict[str, Any]:
+    """`tokenizer.add_tokens` with the `num_tokens` whole words that save the most tokens in `corpus`.
+
+    `plain`: the words as they are (what users usually do); `leading_space`: each word with the space before
+    it, as it occurs in running text. Reported: fertility on `test`, how many `test` documents still decode
+    to themselves, and how many added tokens the encoding of `test` starts inside a word (right after a letter
+    or digit: `cardio` in `elettrocardiogramma`).
+    """
+    base = AutoTokenizer.from_pretrained(base_dir)
+    counts = word_counts(base, corpus)
+    backend = base.backend_tokenizer
+    saving = Counter({w: c * (len(backend.model.tokenize(w)) - 1) for w, c in counts.items()})
+    words = [w.removeprefix("\u2581") for w, _ in saving.most_common() if w.startswith("\u2581")][:num_tokens]
+    results: dict[str, Any] = {"words": len(words)}
+    for name, form in (("plain", "{}"), ("leading_space", " {}")):
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        tokenizer.add_tokens([AddedToken(form.format(w), normalized=False) for w in words])
+        exact, inside = 0, 0
+        for text in test:
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            exact += tokenizer.decode(encoded["input_ids"]) == text
+            starts = [start + text[start:end].startswith(" ")
+                      for i, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+                      if i >= len(base)]
+            inside += sum(start > 0 and text[start - 1].isalnum() for start in starts)
+        results[name] = {"fertility": fertility(tokenizer, test), "roundtrip_documents": exact,
+                         "starting_inside_words": inside}
+    return results
+
+
+def fertility_by_vocab_size(sizes: list[int], args: argparse.Namespace, adapt: list[str],
+                            test: list[str]) -> dict[int, dict[str, float]]:
+    """Fertility on `test` of general tokenizers of other sizes, before and after `igea vocab`'s merges."""
+    results = {}
+    for size in sizes:
+        tokenizer = general_tokenizer(size, args.general_words)
+        merges = learn_merges(tokenizer, adapt, args.num_tokens)
+        with tempfile.TemporaryDirectory() as scratch:
+            save_extended_tokenizer(tokenizer, merges, list(dict.fromkeys(m.token for m in merges)), Path(scratch))
+            before, after = fertility(tokenizer, test), fertility(AutoTokenizer.from_pretrained(scratch), test)
+        results[size] = {"before": before, "after": after, "change": after / before - 1}
+        print(f"vocab {size}: fertility {before:.3f} -> {after:.3f} ({after / before - 1:+.1%})", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED_DATA, help="folder with train/dev/test.jsonl (`text`)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="the general tokenizer's vocabulary")
+    parser.add_argument("--general-words", type=int, default=20_000_000,
+                        help="word occurrences the general tokenizer is trained on")
+    parser.add_argument("--num-tokens", type=int, default=1000, help="tokens to add")
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--pretrain-epochs", type=float, default=4, help="epochs of the base model's pretraining")
+    parser.add_argument("--epochs", type=float, default=2, help="epochs of continued pretraining, both runs")
+    parser.add_argument("--scan-vocab-sizes", default="16384,32768",
+                        help="general tokenizer sizes whose fertility change is measured too ('' for none)")
+    parser.add_argument("--limit", type=int, help="use only the first N documents of each split")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (torch.set_num_threads)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a fraction of an epoch (for CI)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.vocab_size, args.general_words, args.num_tokens = 1024, 300_000, 100
+        args.hidden_size, args.layers, args.block_size, args.batch_size = 32, 1, 64, 8
+        args.pretrain_epochs, args.epochs, args.limit, args.scan_vocab_sizes = 1, 1, 60, ""
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    datasets.disable_progress_bars()
+    test = read_split(args.data, "test", args.limit)
+    train = read_split(args.data, "train", args.limit)
+    half = len(train) // 2
+    pretrain_texts, adapt = read_split(args.data, "dev", args.limit) + train[:half], train[half:]
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        for name, texts in (("pretrain", pretrain_texts), ("adapt", adapt)):
+            (work / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), "utf-8")
+        start = time.perf_counter()
+        tokenizer = general_tokenizer(args.vocab_size, args.general_words)
+        print(f"general tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - start:.0f} s", flush=True)
+        base_dir, pretrain = train_run("pretrained", random_model(tokenizer, args, work / "random"),
+                                       work / "pretrain.jsonl", args.pretrain_epochs, 2e-3, args, work)
+        print(f"base model: {pretrain}", flush=True)
+
+        extend = {"extend_vocabulary": {"num_tokens": args.num_tokens}}
+        runs = {"base": train_run("base", base_dir, work / "adapt.jsonl", args.epochs, 1e-3, args, work),
+                "extended": train_run("extended", base_dir, work / "adapt.jsonl", args.epochs, 1e-3, args, work,
+                                      **extend)}
+        extended_dir = work / "extended" / "base-model-extended"
+        report = json.loads((extended_dir / REPORT).read_text(encoding="utf-8"))
+        fertility_base = fertility(AutoTokenizer.from_pretrained(base_dir), test)
+        fertility_ext = fertility(AutoTokenizer.from_pretrained(extended_dir), test)
+        untrained = {"base": score(base_dir, test), "extended": score(extended_dir, test),
+                     **other_inits(base_dir, extended_dir, test)}
+        trained = {name: score(run_dir, test) for name, (run_dir, _) in runs.items()}
+        variants = add_tokens_variants(base_dir, adapt, test, args.num_tokens)
+    sizes = [int(x) for x in args.scan_vocab_sizes.split(",") if x.strip()]
+    scan = fertility_by_vocab_size(sizes, args, adapt, test)
+
+    stats = {name: s for name, (_, s) in runs.items()}
+    result = {
+        "benchmark": "vocab", "vocab_size": len(tokenizer), "num_tokens": args.num_tokens,
+        "tokens_added": report["tokens_added"], "threads": args.threads,
+        "model": {"hidden_size": args.hidden_size, "layers": args.layers, "block_size": args.block_size,
+                  "batch_size": args.batch_size},
+        "fertility_base": fertility_base, "fertility_extended": fertility_ext,
+        "fertility_change": fertility_ext / fertility_base - 1,
+        "train_tokens_change": stats["extended"]["train_tokens"] / stats["base"]["train_tokens"] - 1,
+        "bpb_untrained": untrained, "bpb_trained": trained,
+        "bpb_trained_change": trained["extended"] / trained["base"] - 1,
+        "runs": stats, "pretrain": pretrain, "add_tokens": variants, "fertility_by_vocab_size": scan,
+        "first_new_tokens": [t["token"] for t in report["new_tokens"][:12]],  # '▁' marks a word start
+    }
+    print(f"fertility on test: {fertility_base:.3f} -> {fertility_ext:.3f} tokens/word "
+          f"({result['fertility_change']:+.1%}); training tokens {result['train_tokens_change']:+.1%}")
+    print("bits per byte on test, untrained: " + ", ".join(f"{k} {v:.4f}" for k, v in untrained.items()))
+    print(f"bits per byte on test after {args.epochs:g} epochs: base {trained['base']:.4f}, extended "
+          f"{trained['extended']:.4f} ({result['bpb_trained_change']:+.2%})")
+    print(f"add_tokens with {variants['words']} whole words: {variants}")
+    print(json.dumps(result, ensure_ascii=False))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Domain vocabulary (igea.vocab, `igea vocab`, `model.extend_vocabulary`): new tokens are used where they
+should be and nowhere else, old ids and rows stay, new rows start from their pieces' rows, and the result trains."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, MistralConfig, MistralForCausalLM
+
+import igea
+from igea.cli import main
+from igea.config import config_from_dict
+from igea.modeling import base_model_path, load_tokenizer
+from igea.vocab import REPORT, hold_out, words
+
+from conftest import config_dict, make_config, real_abstracts, write_config
+
+NUM_TOKENS = 150
+
+
+@pytest.fixture(scope="module")
+def extended(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny byte-level model extended with NUM_TOKENS tokens learned on the train abstracts."""
+    out = tmp_path_factory.mktemp("vocab") / "extended"
+    report = igea.extend_vocabulary(str(tiny_model_dir), real_abstracts("train"), NUM_TOKENS, out,
+                                    heldout_texts=real_abstracts("test", 40))
+    return out, report
+
+
+def bpe_reference(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE by the book: merge the lowest-ranked adjacent pair (leftmost first) until no pair has a rank."""
+    while True:
+        ranked = [(ranks[p], i) for i, p in enumerate(zip(pieces, pieces[1:], strict=False)) if p in ranks]
+        if not ranked:
+            return pieces
+        _, i = min(ranked)
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2:]]
+
+
+def new_merges(base_dir: Path, extended_dir: Path) -> dict[tuple[str, str], int]:
+    """The merge rules the extension appended to the base tokenizer's, with their ranks among themselves."""
+    def merges(path: Path) -> list:
+        return json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
+
+    base, extended = merges(base_dir), merges(extended_dir)
+    assert extended[:len(base)] == base
+    return {tuple(m.split(" ") if isinstance(m, str) else m): rank for rank, m in enumerate(extended[len(base):])}
+
+
+def check_segmentation(base_dir: Path, extended_dir: Path, texts: list[str]) -> int:
+    """The extended tokenizer encodes each text word by word, each word as the base tokenizer segments it
+    followed by the new merges in order; returns how many new tokens the texts got."""
+    base, ext = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(extended_dir)
+    ranks = new_merges(base_dir, extended_dir)
+    used = 0
+    for text in texts:
+        expected = [piece for word in words(base, text)
+                    for piece in bpe_reference([t.value for t in base.backend_tokenizer.model.tokenize(word)], ranks)]
+        ids = ext(text, add_special_tokens=False)["input_ids"]
+        assert ext.convert_ids_to_tokens(ids) == expected, text
+        used += sum(i >= len(base) for i in ids)
+    return used
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The byte-level tiny model (GPT-2 style: 'Ġ' marks a preceding space)
+
+
+def test_new_tokens_segment_running_text_as_continued_bpe(tiny_model_dir, extended):
+    out, report = extended
+    test = real_abstracts("test", 40)
+    used = check_segmentation(tiny_model_dir, out, test)
+    assert used > 1000
+    ext = AutoTokenizer.from_pretrained(out)
+    for text in test:
+        assert ext.decode(ext(text, add_special_tokens=False)["input_ids"]) == text
+    # a word after a space gets its token whatever follows it
+    word = next(t["text"].strip() for t in report["new_tokens"] if t["token"].startswith("Ġ") and len(t["text"]) > 6)
+    for text in (f"Lo studio {word}.", f"Lo studio {word}, poi", f"Lo studio {word}\nNuovo", f"Lo studio {word}"):
+        assert ext.convert_tokens_to_ids("Ġ" + word) in ext(text)["input_ids"], text
+
+
+def test_old_ids_and_old_rows_are_unchanged(tiny_model_dir, extended):
+    out, report = extended
+    base, ext = AutoTokenizer.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(out)
+    base_vocab, ext_vocab = base.get_vocab(), ext.get_vocab()
+    assert {t: ext_vocab[t] for t in base_vocab} == base_vocab
+    assert len(ext) == len(base) + NUM_TOKENS == report["vocab_size"]["after"]
+    assert sorted(t["id"] for t in report["new_tokens"]) == list(range(len(base), len(ext)))
+    assert (ext.eos_token_id, ext.pad_token_id, ext.bos_token_id) == (base.eos_token_id, base.pad_token_id,
+                                                                       base.bos_token_id)
+    old, new = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(out)
+    n = len(base)
+    assert new.config.vocab_size == len(ext) == new.get_input_embeddings().num_embeddings
+    assert torch.equal(new.get_input_embeddings().weight[:n], old.get_input_embeddings().weight)
+    assert torch.equal(new.get_output_embeddings().weight[:n], old.get_output_embeddings().weight)
+    with torch.no_grad():  # text without new tokens gets the same logits
+        ids = base("Il", return_tensors="pt")["input_ids"]
+        assert torch.allclose(new(ids).logits[..., :n], old(ids).logits, atol=1e-5)
+
+
+def test_new_rows_start_as_weighted_means_of_their_pieces(tiny_model_dir, extended):
+    """Input rows: each piece weighs twice the one before it; output rows: half."""
+    out, report = extended
+    base = AutoTokenizer.from_pretrained(tiny_model_dir)
+    old, new = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(out)
+    for get, later in (("get_input_embeddings", True), ("get_output_embeddings", False)):
+        before, after = getattr(old, get)().weight, getattr(new, get)().weight
+        for token in report["new_tokens"]:
+            ids = base.convert_tokens_to_ids(token["pieces"])
+            assert "".join(token["pieces"]) == token["token"] and len(ids) >= 2
+            weights = [2.0 ** i for i in range(len(ids))]
+            weights = torch.tensor(weights if later else weights[::-1]) / sum(weights)
+            assert torch.allclose(after[token["id"]], weights @ before[ids], atol=1e-6)
+
+
+def test_fertility_drops_on_held_out_text(tiny_model_dir, extended):
+    out, report = extended
+    test = real_abstracts("test", 40)
+    before = igea.fertility(AutoTokenizer.from_pretrained(tiny_model_dir), test)
+    after = igea.fertility(AutoTokenizer.from_pretrained(out), test)
+    assert report["fertility"]["before"] == pytest.approx(before) and report["fertility"]["after"] == after
+    assert after < 0.9 * before
+    assert report["corpus_tokens"]["after"] < report["corpus_tokens"]["before"]
+    assert report["heldout_documents"] == 40 and report["tokens_added"] == NUM_TOKENS
+
+
+@pytest.mark.slow
+def test_extended_model_trains_as_model_name_or_path(tmp_path, extended, corpus_file):
+    out, _ = extended
+    path = write_config(tmp_path, "run", out, corpus_file, max_steps=3, eval_steps=3, save_steps=3)
+    result = igea.train(igea.load_config(path))
+    assert math.isfinite(result.metrics["after"]["eval_loss"])
+    assert result.metrics["after"]["eval_loss"] < result.metrics["before"]["eval_loss"]
+    assert len(AutoTokenizer.from_pretrained(result.output_dir)) == len(AutoTokenizer.from_pretrained(out))
+
+
+def test_bits_per_byte_scores_every_token_once_in_windows_or_whole(tiny_model_dir):
+    """With attention and MLP outputs zeroed, a token's loss does not depend on its context: scoring a text
+    whole or in windows must then give the same total, and it is the model's own loss times the tokens."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [t[:800] for t in real_abstracts("test", 3)]
+    whole = igea.bits_per_byte(model, tokenizer, texts)
+    ids = [[tokenizer.eos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts]
+    assert max(map(len, ids)) < model.config.max_position_embeddings
+    with torch.no_grad():
+        nats = sum(model(torch.tensor([x]), labels=torch.tensor([x])).loss.item() * (len(x) - 1) for x in ids)
+    assert whole == pytest.approx(nats / math.log(2) / sum(len(t.encode("utf-8")) for t in texts), rel=1e-5)
+    model.config.max_position_embeddings = 32  # windows of 32 tokens, half of them history
+    assert igea.bits_per_byte(model, tokenizer, texts) == pytest.approx(whole, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A SentencePiece-style tokenizer ('▁' word starts, byte fallback: Mistral, Llama 2, Minerva)
+
+
+@pytest.fixture(scope="module", params=["metaspace", "legacy"])
+def sentencepiece_model(request, tmp_path_factory) -> tuple[Path, str]:
+    """A Llama-style BPE tokenizer (byte fallback) and a tiny Mistral with tied embeddings.
+
+    `metaspace`: '▁' comes from a Metaspace pre-tokenizer (transformers 5's LlamaTokenizer); `legacy`: from a
+    normalizer, with no pre-tokenizer (the tokenizer.json of Mistral 7B v0.1 and Llama 2).
+    """
+    core = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    special = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    core.train_from_iterator(real_abstracts("train", 200), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=special, show_progress=False))
+    spec = json.loads(core.to_str())["model"]
+    tokenizer = LlamaTokenizer(vocab=spec["vocab"], merges=[tuple(m) for m in spec["merges"]])
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                           tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("sp") / "model"
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if request.param == "legacy":
+        path = out / "tokenizer.json"
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        ]}
+        spec["pre_tokenizer"] = None
+        path.write_text(json.dumps(spec), encoding="utf-8")
+        assert AutoTokenizer.from_pretrained(out).backend_tokenizer.pre_tokenizer is None
+    return out, request.param
+
+
+def test_sentencepiece_style_tokenizer_is_extended_within_words(sentencepiece_model, tmp_path):
+    sentencepiece_model_dir, style = sentencepiece_model
+    out = tmp_path / "ext"
+    report = igea.extend_vocabulary(str(sentencepiece_model_dir), real_abstracts("train"), 100, out,
+                                    heldout_texts=real_abstracts("test", 20))
+    assert report["tokens_added"] == 100 and report["fertility"]["change"] < -0.03
+    assert all("\u2581" not in t["token"][1:] and not t["token"].startswith("<0x") for t in report["new_tokens"])
+    test = real_abstracts("test", 20)
+    assert check_segmentation(sentencepiece_model_dir, out, test) > 100
+    auto = AutoTokenizer.from_pretrained(out)
+    for text in test:
+        assert auto.decode(auto(text, add_special_tokens=False)["input_ids"]) == text
+    if style == "metaspace":  # LlamaTokenizer rebuilds its pipeline from the vocab and merges of tokenizer.json
+        llama = LlamaTokenizer.from_pretrained(out)
+        assert all(auto(text)["input_ids"] == llama(text)["input_ids"] for text in test)
+    word = next(t for t in report["new_tokens"] if t["token"].startswith("\u2581") and len(t["token"]) > 5)
+    assert word["id"] in auto(f"Nello studio {word['token'][1:]}, poi.")["input_ids"]  # followed by punctuation
+    model = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(sentencepiece_model_dir)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    pieces = AutoTokenizer.from_pretrained(sentencepiece_model_dir).convert_tokens_to_ids(word["pieces"])
+    assert torch.allclose(model.get_input_embeddings().weight[word["id"]],  # tied: the plain mean
+                          base.get_input_embeddings().weight[pieces].mean(dim=0), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# igea vocab
+
+
+def test_cli_writes_an_extended_model_and_its_report(tiny_model_dir, corpus_file, tmp_path, capsys):
+    out = tmp_path / "ext"
+    assert main(["vocab", str(tiny_model_dir), "--corpus", str(corpus_file), "--num-tokens", "40",
+                 "--output", str(out), "--bits-per-byte"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[:printed.rindex("}") + 1])
+    saved = json.loads((out / REPORT).read_text(encoding="utf-8"))
+    assert summary["tokens_added"] == saved["tokens_added"] == 40 and len(saved["new_tokens"]) == 40
+    assert summary["documents"] + summary["heldout_documents"] == len(real_abstracts("train"))
+    assert summary["heldout_documents"] == round(0.05 * len(real_abstracts("train")))
+    assert summary["fertility"]["after"] < summary["fertility"]["before"]
+    _, heldout = hold_out(corpus_file.read_text(encoding="utf-8").splitlines())  # the documents left out
+    assert summary["fertility"]["before"] == igea.fertility(AutoTokenizer.from_pretrained(tiny_model_dir), heldout)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    expected = igea.bits_per_byte(base, AutoTokenizer.from_pretrained(tiny_model_dir), heldout)
+    assert summary["bits_per_byte"]["before"] == pytest.approx(expected, rel=1e-6)
+    assert summary["bits_per_byte"]["documents"] == len(heldout) and 0 < summary["bits_per_byte"]["after"] < 16
+    assert (out / "model.safetensors").is_file() and not (out.parent / "ext.tmp").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-tokens", "0"], "--num-tokens: 0 is not allowed"),
+    (["--corpus", "missing/*.txt"], "--corpus: no file matches 'missing/*.txt'"),
+    (["--output", "{full}"], "output: directory '{full}' is not empty"),
+])
+def test_cli_errors_are_one_line_and_exit_2(tiny_model_dir, corpus_file, tmp_path, capsys, args, message):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    argv = {"--corpus": str(corpus_file), "--num-tokens": "10", "--output": str(tmp_path / "out")}
+    argv.update(dict(zip(args[::2], (a.format(full=full) for a in args[1::2]), strict=True)))
+    assert main(["vocab", str(tiny_model_dir), *(x for kv in argv.items() for x in kv)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"igea: error: {message.format(full=full)}")
+    assert (full / "keep.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model.extend_vocabulary
+
+
+@pytest.mark.slow
+def test_run_builds_the_extended_base_model_once_and_trains_it(tiny_model_dir, corpus_file, tmp_path):
+    training = {"max_steps": 2, "eval_steps": 2, "save_steps": 2}
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, training=training, data={"validation_split": 5},
+                      eval={"before_training": False}, model={"extend_vocabulary": {"num_tokens": 30}})
+    result = igea.train(cfg)
+    built = result.output_dir / "base-model-extended"
+    report = json.loads((built / REPORT).read_text(encoding="utf-8"))
+    validation = result.metrics["data"]["validation"]["documents"]
+    assert report["tokens_added"] == 30 and report["heldout_documents"] == validation  # the run's own split
+    assert report["documents"] == result.metrics["data"]["train"]["documents"]
+    assert len(AutoTokenizer.from_pretrained(result.output_dir)) == len(AutoTokenizer.from_pretrained(built))
+    assert json.loads((result.output_dir / "igea_run.json").read_text())["config"]["model"]["extend_vocabulary"]
+
+    stamp = (built / "model.safetensors").stat().st_mtime_ns
+    assert base_model_path(cfg) == str(built)  # reused, not rebuilt
+    assert (built / "model.safetensors").stat().st_mtime_ns == stamp
+    changed = make_config(tmp_path, tiny_model_dir, corpus_file, model={"extend_vocabulary": {"num_tokens": 31}})
+    with pytest.raises(igea.IgeaError, match="was built with"):
+        base_model_path(changed)
+
+
+def test_tiny_model_is_built_then_extended(corpus_file, tmp_path):
+    shape = {"vocab_size": 300, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "intermediate_size": 32}
+    raw = config_dict(tmp_path / "run", tmp_path, corpus_file, model={"extend_vocabulary": {"num_tokens": 20}})
+    raw["model"] = {"tiny": shape, "extend_vocabulary": {"num_tokens": 20}}
+    tokenizer = load_tokenizer(config_from_dict(raw))
+    assert len(tokenizer) == 300 + 20 and tokenizer.name_or_path == str(tmp_path / "run" / "base-model-extended")
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "run" / "base-model")) == 300
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"num_tokens": 0}, "model.extend_vocabulary.num_tokens: 0 is not allowed"),
+    ({}, "model.extend_vocabulary: missing required key 'num_tokens'"),
+    ({"num_tokens": 5, "tokens": 1}, "unknown key 'model.extend_vocabulary.tokens'"),
+    ({"num_tokens": 5, "corpus": "nowhere/*.txt"}, "model.extend_vocabulary.corpus: no file matches"),
+])
+def test_config_errors(tiny_model_dir, corpus_file, tmp_path, section, message):
+    raw = config_dict(tmp_path / "run", tiny_model_dir, corpus_file, model={"extend_vocabulary": section})
+    with pytest.raises(igea.ConfigError, match=re.escape(message)):
+        config_from_dict(raw)
