@@ -158,7 +158,9 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     metrics: dict[str, Any] = {"data": data.stats}
     trainer = build_trainer(cfg, args, model, tokenizer, data)
     if trainer.is_world_process_zero():
-        start.begin(framework_versions(), keep=("base-model",) if cfg.model.tiny is not None else ())
+        built_for_this_run = (["base-model"] if cfg.model.tiny is not None else []) + (
+            ["base-model-extended"] if cfg.model.extend_vocabulary is not None else [])
+        start.begin(framework_versions(), keep=tuple(built_for_this_run))
     trainer.accelerator.wait_for_everyone()
     if data.validation is not None and cfg.eval.before_training:
         metrics["before"] = evaluate_before(trainer, cfg)
