@@ -1,4 +1,5 @@
-"""examples/quickstart.ipynb runs from top to bottom on this venv's own kernel."""
+"""examples/quickstart.ipynb runs from top to bottom on this venv's own kernel, from any directory, with public
+names only."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def venv_kernel(tmp_path, monkeypatch) -> str:
 def test_quickstart_notebook_executes(venv_kernel, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's run directory goes in a temporary directory
     nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
-    client = NotebookClient(nb, kernel_name=venv_kernel, timeout=300,
-                            resources={"metadata": {"path": str(EXAMPLES)}})
+    client = NotebookClient(nb, kernel_name=venv_kernel, timeout=300,  # from any directory, not only examples/
+                            resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the cell's traceback, when a cell fails
 
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
@@ -39,3 +40,9 @@ def test_quickstart_notebook_executes(venv_kernel, tmp_path, monkeypatch):
     shown = [out.data for out in outputs if out.output_type == "display_data"]
     assert any("image/png" in data for data in shown)
     assert any(data.get("text/markdown", "").lstrip().startswith("# demo") for data in shown)
+
+
+def test_quickstart_notebook_uses_public_names_only():
+    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    code = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
+    assert "from igea." not in code and "import igea." not in code and "../" not in code

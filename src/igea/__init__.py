@@ -30,6 +30,7 @@ _EXPORTS = {
     "load_config": "igea.config",
     "load_model": "igea.modeling",
     "prepare_dataset": "igea.data",
+    "preset": "igea.config",
     "run": "igea.run",
     "train": "igea.train",
 }
@@ -37,11 +38,11 @@ _EXPORTS = {
 __all__ = [
     "Completion", "ConfigError", "Generator", "IgeaConfig", "IgeaError", "PreparedData", "RunResult", "__version__",
     "bits_per_byte", "build_tiny_model", "evaluate", "extend_vocabulary", "fertility", "generate", "load_config",
-    "load_model", "prepare_dataset", "run", "train",
+    "load_model", "prepare_dataset", "preset", "run", "train",
 ]
 
 if TYPE_CHECKING:  # what editors and type checkers see
-    from igea.config import IgeaConfig, load_config
+    from igea.config import IgeaConfig, load_config, preset
     from igea.data import PreparedData, prepare_dataset
     from igea.errors import ConfigError, IgeaError
     from igea.evaluate import evaluate

@@ -97,11 +97,15 @@ def add_init(commands) -> None:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    from igea.config import PRESETS_DIR
+
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    text = (PRESETS / f"{args.preset}.yaml").read_text(encoding="utf-8")
+    from igea.config import preset
+
+    text = preset(args.preset).read_text(encoding="utf-8")
     if not args.output:
         print(text, end="")
         return 0
@@ -113,10 +117,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     target.write_text(text, encoding="utf-8")
     print(f"wrote {target}: edit it, then `igea train {target}`", file=sys.stderr)
     return 0
-
-
-PRESETS = Path(__file__).parent / "configs"
-"""The configs shipped with igea (the repository's `configs/` is a link to them)."""
 
 
 # ----------------------------------------------------------------------------------------------------------

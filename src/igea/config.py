@@ -828,6 +828,22 @@ def resolve_local_files(paths: str | list[str], key: str) -> list[str] | None:
     return files
 
 
+PRESETS_DIR = Path(__file__).parent / "configs"
+"""The configs shipped with igea (the repository's `configs/` links here)."""
+
+
+def preset(name: str) -> Path:
+    """The path of a config shipped with igea: `demo`, `igea-350m`, `igea-1b` or `igea-3b`.
+
+    >>> cfg = load_config(preset("demo"), "training.max_steps=20")
+    """
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"preset: {show(name)} is not a config shipped with igea; choose one of {names}")
+    return path
+
+
 def sample_corpus_path() -> str:
     """Path of the sample corpus shipped with the package."""
     return str(Path(__file__).parent / "resources" / "sample_corpus.txt")
