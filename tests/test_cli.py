@@ -12,6 +12,8 @@ import pytest
 import igea
 from igea.cli import main
 
+from conftest import write_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,3 +106,21 @@ def test_init_writes_a_commented_starter_config_that_loads(preset, tmp_path, cap
     assert cfg.training["learning_rate"] > 0
     assert main(["init", "--output", str(target)]) == 2  # never replaces a file
     assert "exists" in capsys.readouterr().err
+
+
+def test_train_output_in_a_log_file_is_readable_lines(tiny_model_dir, corpus_file, tmp_path):
+    """Not on a terminal: no progress bars redrawn per step, each log one line with numbers as numbers."""
+    config = write_config(tmp_path, "run", tiny_model_dir, corpus_file, data={"validation_split": 8}, max_steps=10,
+                          eval_steps=5, logging_steps=5, save_steps=10, disable_tqdm=None)
+    text = config.read_text().replace("  disable_tqdm: null\n", "")
+    config.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "igea", "train", str(config)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if "igea.tracking: step " in line]
+    assert any("step 5/10  loss " in line for line in lines) and any("eval_loss " in line for line in lines)
+    assert "{'" not in done.stderr and "': '" not in done.stderr  # no dict of quoted numbers
+    assert done.stderr.count("kept ") == 1  # the corpus is cleaned (and reported) once
+    evaluations = [line for line in lines if "eval_loss" in line and "step 10/10" in line]
+    assert len(evaluations) == 1  # the final metrics reuse the evaluation at the last step

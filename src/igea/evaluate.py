@@ -241,5 +241,6 @@ def run_cli(args: argparse.Namespace) -> int:
     print(format_results(results))
     if args.output:
         write_json_atomic(Path(args.output), results)
-        print(f"\nresults with per-question predictions written to {args.output}")
+        what = "results with per-question predictions" if tasks else "results"
+        print(f"\n{what} written to {args.output}")
     return 0

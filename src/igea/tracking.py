@@ -1,5 +1,6 @@
 """Live tracking: `training.report_to` checked before anything is built, TensorBoard logs kept inside the run,
-and `training.log_throughput` (tokens/s, and MFU on a GPU) added to every training log.
+`training.log_throughput` (tokens/s, and MFU on a GPU) added to every training log, and each log printed as
+one line a person can read (`step 20/204  loss 5.123  learning_rate 0.001961 ...`).
 
 The integrations themselves are transformers' own callbacks (TensorBoard, trackio, wandb, MLflow, ...); igea
 only makes sure each one's package is there and that what it logs lands in the run directory.
@@ -13,7 +14,7 @@ import time
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.integrations import integration_utils
 
 from igea.config import IgeaConfig
@@ -63,12 +64,50 @@ def attach_tracking(trainer: Trainer, cfg: IgeaConfig) -> None:
         # directory: without this it would open a writer in ./runs of the current directory instead.
         if isinstance(callback, integration_utils.TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = os.path.join(trainer.args.output_dir, integration_utils.default_logdir())
+    for default, readable in ((ProgressCallback, ReadableProgress), (PrinterCallback, LogLines)):
+        if any(type(callback) is default for callback in trainer.callback_handler.callbacks):
+            trainer.remove_callback(default)
+            trainer.add_callback(readable)
     if cfg.training.get("log_throughput"):
         model = trainer.model
         peak = peak_flops(trainer.args.device)
         throughput = ThroughputCallback(cfg.data.block_size, flops_per_token(model, cfg.data.block_size), peak)
         # first, so the reporting integrations (and the progress bar) see what it adds to a log
         trainer.callback_handler.callbacks.insert(0, throughput)
+
+
+QUIET_LOG_KEYS = ("total_flos", "_runtime", "_per_second", "_model_preparation_time")
+"""Kept in log_history and metrics.json, left out of the printed line."""
+
+
+def log_line(state, logs: dict[str, Any]) -> str:
+    """One log as `step 20/204  loss 5.123  grad_norm 1.02 ...`: numbers printed as numbers, 4 significant
+    digits."""
+    parts = [f"step {state.global_step}/{state.max_steps}" if state.max_steps else f"step {state.global_step}"]
+    for key, value in logs.items():
+        if key.endswith(QUIET_LOG_KEYS) or key == "step":
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return "  ".join(parts)
+
+
+class ReadableProgress(ProgressCallback):
+    """The Trainer's progress bar (on a terminal), with each log written above it as one readable line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            if self.training_bar is not None:
+                self.training_bar.write(log_line(state, logs))
+            else:
+                logger.info(log_line(state, logs))
+
+
+class LogLines(TrainerCallback):
+    """Without a progress bar (not a terminal, `disable_tqdm`): each log as one readable log line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            logger.info(log_line(state, logs))
 
 
 class ThroughputCallback(TrainerCallback):

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -185,7 +186,7 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
         metrics["data"]["tokens_seen"] = trainer.tokens_seen_per_source()
         logger.info("training tokens per source: %s", metrics["data"]["tokens_seen"])
     if data.validation is not None:
-        metrics["after"] = evaluate_trainer(trainer)
+        metrics["after"] = final_evaluation(trainer)
     result = save_run(trainer, cfg, metrics, start)
     if finish and trainer.is_world_process_zero():
         mark_finished(cfg, result)
@@ -317,6 +318,17 @@ def evaluate_before(trainer: Trainer, cfg: IgeaConfig) -> dict[str, float]:
     return metrics
 
 
+def final_evaluation(trainer: Trainer) -> dict[str, float]:
+    """Held-out metrics of the trained model: those of the evaluation at the last step when there was one
+    (the same weights, the same blocks), else a new evaluation."""
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evals and evals[-1].get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+        metrics = {k: v for k, v in evals[-1].items() if k.startswith("eval_") or k == "epoch"}
+        metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+        return metrics
+    return evaluate_trainer(trainer)
+
+
 def evaluate_trainer(trainer: Trainer) -> dict[str, float]:
     """Held-out loss, perplexity and next-token accuracy of the trainer's current model."""
     metrics = trainer.evaluate()
@@ -348,6 +360,8 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
         section["max_steps"] = steps_for_budget(cfg.data.token_budget, cfg.data.block_size, section)
     if not has_validation(cfg):
         section["eval_strategy"] = "no"
+    if "disable_tqdm" not in section and not sys.stderr.isatty():
+        section["disable_tqdm"] = True  # in a log file a progress bar is a redraw per step: log lines instead
     section.setdefault("batch_eval_metrics", True)
     section.setdefault("remove_unused_columns", False)  # the collator picks its columns (and counts `source`)
     section.setdefault("save_only_model", False)
