@@ -190,6 +190,13 @@ CASES: dict[str, tuple[Case, str]] = {
     "max_grad_norm is NaN": (train_case(training="  max_grad_norm: .nan\n"),
                              "training.max_grad_norm: nan is not allowed"),
     "alias bomb": (train_case(text=ALIAS_BOMB), "expands to more than 100,000 values"),
+    "typo in a source's file name": (train_case(text=None, data="", corpus=lambda t, c: str(c)[:-1]),
+                                     "no file matches"),
+    "typo in a mixture source": (lambda tmp, m, c: train_case(text=config_text(str(m), str(c), tmp / "run").replace(
+        f"  path: {c}\n", f"  sources:\n    - {{path: {str(c)[:-1]}, weight: 1}}\n"))(tmp, m, c),
+        "data.sources[0].path: no file matches"),
+    "relative path that matches nothing": (train_case(corpus=lambda t, c: "corpus.tx"),
+                                           "no file matches 'corpus.tx' (relative to the current directory"),
     "eval output in a missing directory": (lambda tmp, m, c: ["eval", str(m), "--corpus", str(c), "--output",
                                                               str(tmp / "missing" / "r.json")],
                                            "--output: directory"),

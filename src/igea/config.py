@@ -16,6 +16,7 @@ import enum
 import glob
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -790,13 +791,18 @@ def check_generation_values(g: GenerationConfig, prefix: str = "") -> None:
 
 
 def looks_local(path: str) -> bool:
-    """True when a string names a local path rather than a hub id (`owner/name`)."""
+    """True when a string names a local path rather than a hub id (`owner/name`, or a bare `name`).
+
+    A bare name with a file suffix (`corpus.tx`, a typo of `corpus.txt`) is a local file that does not exist,
+    not a hub id: hub ids without an owner name canonical datasets, which have no suffix.
+    """
     return (
         path.startswith((".", "/", "~"))
         or path.lower().endswith(LOCAL_SUFFIXES)
         or any(ch in path for ch in "*?[")
         or os.path.exists(path)
         or path.count("/") > 1
+        or ("/" not in path and re.search(r"\.[A-Za-z0-9]{1,5}$", path) is not None)
     )
 
 
@@ -823,7 +829,8 @@ def resolve_local_files(paths: str | list[str], key: str) -> list[str] | None:
             continue
         matches = sorted(glob.glob(expanded))
         if not matches:
-            raise ConfigError(f"{key}: no file matches '{item}'")
+            where = "" if os.path.isabs(expanded) else f" (relative to the current directory, {os.getcwd()})"
+            raise ConfigError(f"{key}: no file matches '{item}'{where}")
         files.extend(m for m in matches if os.path.isfile(m))
     return files
 
