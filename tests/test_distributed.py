@@ -74,6 +74,20 @@ def test_the_readme_multi_process_commands_run_from_a_fresh_output_dir(tmp_path)
     assert max(losses) - min(losses) < 1e-4, losses
 
 
+def test_a_refusal_on_two_ranks_is_one_line_without_tracebacks(tiny_model_dir, corpus_file, tmp_path):
+    """The main process refuses the output directory; the other rank ends with it instead of a lost connection."""
+    config = two_process_config(tmp_path, "taken", tiny_model_dir, corpus_file)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "thesis.tex").write_text("not igea's")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "cpu-2proc.yaml"),
+              "-m", "igea", "train", str(config)]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert done.stderr.count("igea: error: ") == 1 and "holds no igea run" in done.stderr
+    assert "Connection closed by peer" not in done.stderr and "[rank1]" not in done.stderr
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["thesis.tex"]
+
+
 def test_a_launch_that_silently_started_one_process_is_refused(tiny_model_dir, corpus_file, tmp_path, capsys,
                                                                monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # what `accelerate launch --cpu --num_processes 2` leaves

@@ -44,10 +44,12 @@ ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
 
 
 def fail(message: str, code: int, debug: bool) -> int:
-    """Print one error line (after the traceback with --debug) and return the exit code."""
+    """Print one error line (after the traceback with --debug) and return the exit code. In a multi-process
+    launch only the first process prints it: every process ends with the same error."""
     if debug:
         traceback.print_exc()
-    print(f"igea: error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"igea: error: {message}", file=sys.stderr)
     return code
 
 

@@ -24,6 +24,7 @@ from transformers import (
 from igea.config import IgeaConfig, ModelConfig, TinyModelConfig, looks_local
 from igea.errors import ConfigError, IgeaError
 from igea.hub import hub_reachable
+from igea.rundir import TINY_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +154,6 @@ def _first_line(err: BaseException) -> str:
 # The tiny model
 
 
-TINY_MARKER = "igea_tiny.json"
-"""Written beside a tiny model built for a run: its shape and corpus, so a changed config rebuilds it."""
 TOKENIZER_CORPUS_KEYS = ("path", "sources", "name", "split", "revision", "text_column", "max_documents", "min_chars",
                          "encoding_errors")
 """The `data:` settings that decide which documents the tiny model's tokenizer is trained on."""

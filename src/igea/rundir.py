@@ -35,6 +35,8 @@ BEFORE_METRICS = "eval_before.json"
 LOCK_FILE = "igea.lock"
 """Present while a run uses the directory: the owner's pid, host and start time."""
 CHECKPOINT_PREFIX = "checkpoint-"
+TINY_MARKER = "igea_tiny.json"
+"""Written beside a tiny base model igea built (`<output_dir>/base-model`): its shape and corpus."""
 
 IGEA_ENTRIES = (
     RUN_MARKER, START_MARKER, BEFORE_METRICS, LOCK_FILE, "metrics.json", "log_history.json", "benchmarks.json",
@@ -121,7 +123,8 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
     contents = dir_contents(output_dir)
     if not contents.igea and not contents.foreign:
         return
-    if not contents.is_run and not complete_checkpoints(output_dir):
+    built_by_igea = (output_dir / "base-model" / TINY_MARKER).is_file()  # igea.load_model(cfg) before a run
+    if not contents.is_run and not built_by_igea and not complete_checkpoints(output_dir):
         raise IgeaError(
             f"training.output_dir: '{output_dir}' is not empty and holds no igea run "
             f"({_some(contents.foreign or contents.igea)}); igea writes only into a new or empty directory or one "

@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,11 +107,13 @@ def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change
         check_peft(cfg)  # lora: peft is installed, the adapter's modules exist
     log_layout(args)
     state = PartialState()
-    if state.is_main_process:
-        check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
-    with RunLock(cfg.output_dir) if state.is_main_process else nullcontext():
-        start = plan_run(cfg.to_dict(), cfg.output_dir, resume, overwrite, allow_config_change) \
-            if state.is_main_process else None
+    with ExitStack() as lock:
+        start = None
+        with main_process_first():  # a refusal of the main process ends every process with its one line
+            if state.is_main_process:
+                check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+                lock.enter_context(RunLock(cfg.output_dir))
+                start = plan_run(cfg.to_dict(), cfg.output_dir, resume, overwrite, allow_config_change)
         if state.num_processes > 1:
             start = broadcast_object_list([start])[0]
         try:
@@ -123,6 +125,31 @@ def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change
                 raise IgeaError(f"no space left on the device of {cfg.output_dir} ({first_line(err)}); free some "
                                 "space, then continue with --resume") from err
             raise
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """The main process runs the block first (it builds what every process needs), then the others do.
+
+    Unlike accelerate's own, a user error of the main process reaches the others, so every process ends with
+    the same one-line error instead of a lost connection.
+    """
+    state = PartialState()
+    if state.num_processes == 1:
+        yield
+        return
+    if state.is_main_process:
+        try:
+            yield
+        except IgeaError as err:
+            broadcast_object_list([err])
+            raise
+        broadcast_object_list([None])
+        return
+    [failure] = broadcast_object_list([None])
+    if failure is not None:
+        raise failure
+    yield
 
 
 def disk_full(err: Exception, path: Path) -> bool:
@@ -146,8 +173,7 @@ def first_line(err: BaseException) -> str:
 def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     """The training itself, in a directory `open_run` prepared; `finish` writes the finished-run marker."""
     args = training_arguments(cfg)
-    state = PartialState()
-    with state.main_process_first():  # one process builds the tiny model and the packed blocks, the others read
+    with main_process_first():  # one process builds the tiny model and the packed blocks, the others read
         tokenizer = load_tokenizer(cfg)  # builds the tiny model first when the config asks for one
         check_before_training(cfg, tokenizer)
         data = prepare_dataset(cfg, tokenizer)  # before the weights: a corpus problem shows up in seconds
