@@ -98,7 +98,7 @@ def test_mixing_follows_the_weights_within_two_points(tiny_model_dir, corpus_fil
     if streaming:
         data.update(streaming=True, shuffle_buffer=32)
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, data=data)
-    train = prepare_dataset(cfg).train
+    train = prepare_dataset(cfg, load_tokenizer(cfg)).train
     sources = [row["source"] for _, row in zip(range(3000), train, strict=False)]
     counts = Counter(sources)
     assert len(sources) == 3000
@@ -153,7 +153,7 @@ def test_streamed_blocks_are_reshuffled_every_epoch(tiny_model_dir, corpus_file,
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file,
                       data={"streaming": True, "validation_split": 0, "shuffle_buffer": 50, "block_size": 32},
                       training={"max_steps": 5})
-    train = prepare_dataset(cfg).train
+    train = prepare_dataset(cfg, load_tokenizer(cfg)).train
     first = [row["input_ids"] for _, row in zip(range(40), train, strict=False)]
     assert [row["input_ids"] for _, row in zip(range(40), train, strict=False)] == first  # same epoch, same order
     train.set_epoch(1)

@@ -535,6 +535,11 @@ def resolve_local_files(paths: str | list[str], key: str) -> list[str] | None:
         matches = sorted(glob.glob(expanded))
         if not matches:
             raise ConfigError(f"{key}: no file matches '{item}'")
+        broken = next((m for m in matches if os.path.islink(m) and not os.path.exists(m)), None)
+        if broken is not None:
+            raise ConfigError(f"{key}: '{broken}' is a symbolic link to '{os.readlink(broken)}', which does not exist")
+        if not any(os.path.isfile(m) for m in matches):
+            raise ConfigError(f"{key}: '{item}' matches no file")
         files.extend(m for m in matches if os.path.isfile(m))
     return files
 

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from igea.config import IgeaConfig, ModelConfig, TinyModelConfig
+from igea.data import read_documents
 from igea.errors import ConfigError, IgeaError
 from igea.hub import hub_reachable
 
@@ -144,9 +145,7 @@ def ensure_tiny_model(cfg: IgeaConfig) -> Path:
     target = Path(base_model_path(cfg))
     if (target / "config.json").is_file():
         return target
-    from igea.data import read_documents  # the corpus trains the tokenizer
-
-    texts = read_documents(cfg.data, limit=20000)
+    texts = read_documents(cfg.data, limit=20000)  # the corpus trains the tokenizer
     return build_tiny_model(texts, cfg.model.tiny, target)
 
 
