@@ -62,3 +62,16 @@ def test_gpu_benchmark_smoke_test_runs_every_default_variant_on_cpu():
     assert results["igea"]["bf16_autocast"] is True  # configs/igea-1b.yaml's recipe
     assert results["igea_documents"]["packing"] == "documents"
     assert results["plain"]["params"] == results["igea"]["params"]
+
+
+@needs_shared_data
+def test_prepare_benchmark_tokenizes_once_into_exact_uint16_blocks():
+    *runs, summary = run_bench("bench_prepare.py", "--quick")
+
+    assert {(r["scale"], r["num_proc"]) for r in runs} == {(1, 2), (1, 1), (2, 2)}
+    assert summary["all_exact"] and summary["tokenized_once"] and summary["uint16"]
+    assert summary["disk_ratio"] <= 1.05
+    by = {(r["scale"], r["num_proc"]): r for r in runs}
+    assert by[(2, 2)]["tokens"] == 2 * by[(1, 2)]["tokens"] == 2 * by[(1, 1)]["tokens"]
+    assert by[(1, 1)]["disk_bytes"] == by[(1, 2)]["disk_bytes"]  # one process or two: the same blocks
+    assert summary["card_projection"]["hours"] > 0 and summary["card_projection"]["blocks_gb"] > 0

@@ -56,9 +56,18 @@ def cache_key(settings: dict[str, Any]) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash of what the tokenizer does to text: its backend's full definition and its special tokens."""
+    """A hash of what the tokenizer does to text: its backend's definition and its special tokens.
+
+    Truncation and padding are left out: calls elsewhere (a padded batch) change them, the blocks never use them.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        definition = json.dumps(definition, sort_keys=True)
+    else:
+        definition = repr(sorted(tokenizer.get_vocab().items()))
     extra = [type(tokenizer).__name__, len(tokenizer), tokenizer.all_special_ids, tokenizer.eos_token_id,
              getattr(tokenizer, "split_special_tokens", False)]
     return hashlib.sha256((definition + json.dumps(extra, default=str)).encode()).hexdigest()[:20]
