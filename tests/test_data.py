@@ -359,3 +359,16 @@ def test_a_bad_record_met_while_streaming_stops_the_run_with_one_line(tiny_model
     assert started  # the second file was first read by the training loop, filling its shuffle buffer
     assert err.rstrip().splitlines()[-1].startswith("igea: error: data.path: ") and "Traceback" not in err
     assert "b.jsonl' line 2 is not valid JSON" in err
+
+
+def test_data_modules_never_import_the_layers_above_them():
+    """Imports run one way (config -> blockstore -> data -> modeling -> train): no import circle."""
+    import ast
+
+    allowed = {"blockstore.py": {"igea.errors"},
+               "data.py": {"igea.blockstore", "igea.config", "igea.errors", "igea.hub"}}
+    for name, ok in allowed.items():
+        tree = ast.parse((Path(igea.__file__).parent / name).read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert {m for m in imported if m and m.startswith("igea")} <= ok, name

@@ -202,40 +202,31 @@ def checked_counts(name: str, counts: dict[str, int], d: DataConfig) -> dict[str
 def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ_BATCH) -> Iterator[list[str]]:
     """The cleaned texts of one source, in order, `batch_size` documents at a time.
 
-    Files are read one by one as streams (nothing is loaded whole or copied into a cache), so a bad value is
-    reported with its file and row. Cleaning is `clean_corpus`'s: whitespace stripped, documents shorter than
-    `data.min_chars` dropped.
+    The files are read as a stream: nothing is loaded whole or copied into a cache. Cleaning is
+    `clean_corpus`'s: whitespace stripped, documents shorter than `data.min_chars` dropped.
     """
     column = source.text_column or d.text_column
     min_chars = max(d.min_chars, 1)
     files = resolve_local_files(source.path, "data.path")
+    strip_pmid = files is not None and file_format(files[0]) == "text"
     read = kept = 0
-    for where in files or [source.path]:
-        if d.max_documents is not None and read >= d.max_documents:
-            break
-        strip_pmid = files is not None and file_format(where) == "text"
-        row = 0
-        with explained_errors(d, source, where):
-            dataset = _open_files([where], d, streaming=True) if files else _load_hub(source, d, streaming=True)
-            _check_column(dataset, column, where)
-            for batch in dataset.select_columns([column]).iter(batch_size=batch_size):
-                texts = batch[column]
-                if d.max_documents is not None:
-                    texts = texts[: d.max_documents - read]
-                for i, text in enumerate(texts):
-                    if text is not None and not isinstance(text, str):
-                        raise NotTextError(f"data.text_column: '{where}' row {row + i + 1}: column '{column}' "
-                                           f"holds {_short(text)} ({type(text).__name__}), not text")
-                row += len(texts)
-                read += len(texts)
-                if strip_pmid:
-                    texts = [PMID_PREFIX.sub("", t, count=1) for t in texts]
-                texts = [s for s in ((t or "").strip() for t in texts) if len(s) >= min_chars]
-                kept += len(texts)
-                if texts:
-                    yield texts
-                if d.max_documents is not None and read >= d.max_documents:
-                    break
+    with explained_errors(d, source):
+        dataset = _open_files(files, d, streaming=True) if files else _load_hub(source, d, streaming=True)
+        _check_column(dataset, column, files[0] if files else str(source.path))
+        for batch in dataset.select_columns([column]).iter(batch_size=batch_size):
+            texts = batch[column]
+            if d.max_documents is not None:
+                texts = texts[: d.max_documents - read]
+            _check_texts(texts)
+            read += len(texts)
+            if strip_pmid:
+                texts = [PMID_PREFIX.sub("", t, count=1) for t in texts]
+            texts = [s for s in ((t or "").strip() for t in texts) if len(s) >= min_chars]
+            kept += len(texts)
+            if texts:
+                yield texts
+            if d.max_documents is not None and read >= d.max_documents:
+                break
     logger.info("kept %d of %d documents (%d dropped: empty or shorter than %d characters)",
                 kept, read, read - kept, min_chars)
     if kept == 0:
@@ -252,14 +243,7 @@ def pack_split(name: str, documents: Dataset, tokenizer: PreTrainedTokenizerBase
     tokens = tokenize_corpus(documents, tokenizer, d)
     blocks, stats = pack_blocks(tokens, d.block_size, d.packing, d.cache_dir)
     stats["documents"] = len(documents)
-    logger.info("%s: %d documents, %d tokens -> %d blocks of %d (%d tokens left over at the end)",
-                name, len(documents), stats["tokens"], stats["blocks"], d.block_size, stats["remainder"])
-    if stats["blocks"] == 0:
-        raise IgeaError(
-            f"data: the {name} split has {stats['tokens']} tokens, fewer than one block of "
-            f"data.block_size={d.block_size}; lower the block size or give it more text"
-        )
-    return blocks, stats
+    return blocks, checked_counts(name, stats, d)
 
 
 def summed_stats(per_source: dict[str, dict[str, int]], mixed_blocks: int) -> dict[str, Any]:
@@ -446,25 +430,39 @@ class NotTextError(IgeaError):
 
 
 @contextmanager
-def explained_errors(d: DataConfig, source: SourceConfig, where: str | None = None):
-    """Turn a failure to read `source` (or its file `where`) into one IgeaError naming the file."""
+def explained_errors(d: DataConfig, source: SourceConfig):
+    """Turn a failure to read `source` into one IgeaError naming the file (and line or row when found)."""
     try:
         yield
-    except NotTextError as err:
-        if where is None:  # found on the way, not yet located: find its file and row
-            _raise_not_text(d, source)
-        raise err
+    except NotTextError:
+        _raise_not_text(d, source)
+        raise
     except IgeaError:
         raise
     except Exception as err:
-        files = [where] if where and looks_local(where) else resolve_local_files(source.path, "data.path")
-        raise explain_read_error(err, files, where or str(source.path)) from err
+        files = resolve_local_files(source.path, "data.path")
+        raise explain_read_error(err, files, files[0] if files else str(source.path)) from err
+
+
+def _check_texts(texts: list) -> None:
+    for text in texts:
+        if text is not None and not isinstance(text, str):
+            raise NotTextError(f"data.text_column: a document is {_short(text)} ({type(text).__name__}), not text")
 
 
 def _raise_not_text(d: DataConfig, source: SourceConfig) -> None:
-    """Read `source` file by file up to its first non-text value, which `document_batches` reports."""
-    for _ in document_batches(replace(d, min_chars=0), source):
-        pass
+    """Read `source` file by file up to its first value that is not text, and name that file and row."""
+    column = source.text_column or d.text_column
+    files = resolve_local_files(source.path, "data.path")
+    for where in files or [str(source.path)]:
+        dataset = _open_files([where], d, streaming=True) if files else _load_hub(source, d, streaming=True)
+        row = 0
+        for batch in dataset.select_columns([column]).iter(batch_size=READ_BATCH):
+            for text in batch[column]:
+                row += 1
+                if text is not None and not isinstance(text, str):
+                    raise IgeaError(f"data.text_column: '{where}' row {row}: column '{column}' holds {_short(text)} "
+                                    f"({type(text).__name__}), not text")
 
 
 def explain_read_error(err: BaseException, files: list[str] | None, where: str) -> IgeaError:
@@ -481,9 +479,10 @@ def explain_read_error(err: BaseException, files: list[str] | None, where: str) 
             f"data.path: '{bad}' is not valid UTF-8{at}; fix the file or set data.encoding_errors: replace "
             "(bad bytes become U+FFFD) or ignore (they are dropped)"
         )
-    for f in files or []:
-        if file_format(f) == "json" and (bad := _first_bad_json_line(f)):
-            return IgeaError(f"data.path: '{f}' line {bad[0]} is not valid JSON: {bad[1]}")
+    if any("json" in str(c).lower() for c in causes):
+        for f in files or []:
+            if file_format(f) == "json" and (bad := _first_bad_json_line(f)):
+                return IgeaError(f"data.path: '{f}' line {bad[0]} is not valid JSON: {bad[1]}")
     reason = next((str(c) for c in reversed(causes) if str(c).strip()), type(err).__name__)
     return IgeaError(f"cannot read corpus '{where}': {reason.strip().splitlines()[0][:300]}")
 
@@ -548,9 +547,7 @@ def clean_corpus(dataset, d: DataConfig):
 
 
 def _strip_texts(batch: dict[str, list]) -> dict[str, list[str]]:
-    for text in batch["text"]:
-        if text is not None and not isinstance(text, str):
-            raise NotTextError(f"data.text_column: a document is {_short(text)} ({type(text).__name__}), not text")
+    _check_texts(batch["text"])
     return {"text": [(t or "").strip() for t in batch["text"]]}
 
 
