@@ -170,6 +170,18 @@ def test_document_encoder_gives_the_tokenizers_own_ids(tiny_model_dir, boundary)
     assert ids.tolist() == [t for e in expected for t in e]
 
 
+def test_document_encoder_ignores_a_truncation_saved_with_the_tokenizer_and_leaves_it_alone(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.backend_tokenizer.enable_truncation(max_length=4)  # as some tokenizer.json files carry it
+    text = sentences(limit=1)[0]
+
+    lengths, ids = DocumentEncoder(tokenizer, "eos")([text])
+
+    assert tokenizer.backend_tokenizer.truncation["max_length"] == 4  # the encoder worked on a copy
+    assert len(ids) > 5
+    assert ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def test_document_encoder_falls_back_to_the_tokenizer_when_its_backend_disagrees(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = sentences(limit=2)

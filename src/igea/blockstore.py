@@ -90,15 +90,16 @@ class DocumentEncoder:
         self.add_eos = document_boundary == "eos"
         self.eos = tokenizer.eos_token_id
         self.dtype = token_dtype(len(tokenizer))
-        self.backend = None
-        source = getattr(tokenizer, "backend_tokenizer", None)
-        if source is not None:
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        split = bool(getattr(tokenizer, "split_special_tokens", False))
+        backend = self.backend
+        if backend is not None and (backend.truncation or backend.padding or backend.encode_special_tokens != split):
             from tokenizers import Tokenizer
 
-            self.backend = Tokenizer.from_str(source.to_str())
+            self.backend = Tokenizer.from_str(backend.to_str())  # a copy: the tokenizer itself stays as it is
             self.backend.no_truncation()
             self.backend.no_padding()
-            self.backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+            self.backend.encode_special_tokens = split
 
     def check(self, texts: list[str]) -> None:
         """Use the tokenizer's own call from now on unless the fast path gives exactly its ids on `texts`."""
