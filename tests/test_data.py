@@ -3,6 +3,7 @@ split by documents, tokenized once, reused by every rank and every later run."""
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -228,6 +229,15 @@ def test_a_crash_while_preparing_leaves_nothing_a_later_run_would_trust(tmp_path
     assert sorted(p.name for p in root.iterdir()) == ["k.lock"]  # no half directory, the killed one cleared
     prepared = open_or_build(root, "k", {}, good_build)
     assert prepared.cache == "built" and len(prepared.kept) == len(document_tokens(range(200))) // 4
+
+
+def test_a_full_disk_while_preparing_is_one_line_naming_the_cache(tmp_path):
+    def full(directory: Path) -> dict:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(IgeaError, match="cannot write the prepared blocks under .*No space left on device.*cache_dir"):
+        open_or_build(tmp_path / "root", "k", {}, full)
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["k.lock"]
 
 
 def test_damaged_blocks_are_refused(tmp_path):

@@ -10,6 +10,7 @@ would trust); every other process only opens the finished files.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -348,27 +349,38 @@ def open_or_build(root: Path, key: str, settings: dict[str, Any], build: Callabl
         return open_blocks(final)
     if not is_local_main_process():
         return _wait_for(final, wait_seconds)
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{key}.lock")):
-        if (final / MANIFEST).is_file():  # another job built it while this one waited for the lock
-            return open_blocks(final)
-        _remove_stale_builds(root, key)
-        tmp = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            manifest = {"settings": settings, **build(tmp)}
-            manifest["files"] = {p.name: p.stat().st_size for p in tmp.iterdir()}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not (final / MANIFEST).is_file():  # not a finished build from another host sharing the disk
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / f"{key}.lock")):
+            if (final / MANIFEST).is_file():  # another job built it while this one waited for the lock
+                return open_blocks(final)
+            _remove_stale_builds(root, key)
+            _build_into(final, settings, build)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        raise IgeaError(f"data: cannot write the prepared blocks under '{root}' ({err.strerror}); free space or set "
+                        "data.cache_dir to another directory") from err
     prepared = open_blocks(final)
     prepared.cache = "built"
     return prepared
+
+
+def _build_into(final: Path, settings: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> None:
+    """Build in a temporary directory, then rename it to `final` (the manifest is written last)."""
+    tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        manifest = {"settings": settings, **build(tmp)}
+        manifest["files"] = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / MANIFEST).is_file():  # not a finished build from another host sharing the disk
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def open_blocks(path: Path) -> PreparedBlocks:
