@@ -39,6 +39,7 @@ from transformers import AutoTokenizer
 
 import igea
 from igea.config import TinyModelConfig, sample_corpus_path
+from igea.rundir import CHECKPOINT_MARKER
 from igea.streaming import STATE_FILE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ncbi-disease-it"
@@ -71,7 +72,7 @@ def write_config(path: Path, model: Path, corpus: Path, out: Path, shape: dict[s
         f"data:\n  path: {corpus}\n  streaming: true\n  validation_split: 0\n  block_size: {shape['block']}\n"
         f"  shuffle_buffer: {shape['window']}\n"
         f"training:\n  output_dir: {out}\n  max_steps: {steps}\n  per_device_train_batch_size: {shape['batch']}\n"
-        f"  gradient_accumulation_steps: 1\n  save_steps: {save_steps}\n  logging_steps: 1\n"
+        f"  gradient_accumulation_steps: 1\n  save_steps: {save_steps}\n  save_total_limit: null\n  logging_steps: 1\n"
         "  use_cpu: true\n  disable_tqdm: true\n"
         "generation:\n  prompts: []\n"
     )
@@ -80,35 +81,42 @@ def write_config(path: Path, model: Path, corpus: Path, out: Path, shape: dict[s
 
 def igea_train(config: Path, *extra: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    with open(log, "wb") as stderr:
-        return subprocess.Popen([sys.executable, "-m", "igea", "train", str(config), *extra], env=env,
-                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+    return subprocess.Popen([sys.executable, "-m", "igea", "train", str(config), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # igea logs on stderr
 
 
 def time_to_first_step(config: Path, run: Path, checkpoint: Path, keep_position: bool, log: Path) -> float:
     """Seconds from starting `igea train --resume` on a copy of `checkpoint` to its first new step's log line."""
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(checkpoint, run / checkpoint.name)
-    if not keep_position:
+    if not keep_position:  # the checkpoint as igea wrote it before it saved stream positions
         (run / checkpoint.name / STATE_FILE).unlink()
+        marker = run / checkpoint.name / CHECKPOINT_MARKER
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        del record["files"][STATE_FILE]
+        marker.write_text(json.dumps(record), encoding="utf-8")
     start = time.perf_counter()
     proc = igea_train(config, "--resume", log=log)
+    seen = []
     for line in proc.stdout:
-        if "'loss'" in line or '"loss"' in line:
+        seen.append(line)
+        if "  loss " in line:  # igea's log line of a training step: `step 6/21  loss 6.93 ...`
             elapsed = time.perf_counter() - start
             break
     else:
         proc.wait()
-        raise SystemExit(f"igea train --resume ended without a training step:\n{log.read_text()[-3000:]}")
+        log.write_text("".join(seen), encoding="utf-8")
+        raise SystemExit(f"igea train --resume ended without a training step:\n{''.join(seen)[-3000:]}")
     proc.kill()  # the step is what was timed; the rest of the run is not needed
     proc.wait()
+    log.write_text("".join(seen), encoding="utf-8")
     return elapsed
 
 
 def stream_times(config: Path, checkpoints: dict[int, Path]) -> dict[str, dict[int, float]]:
     """Seconds to the first new block of each checkpoint: from its saved position, and by replaying the stream."""
+    from igea import prepare_dataset
     from igea.config import load_config
-    from igea.data import prepare_dataset
 
     cfg = load_config(config)
     times: dict[str, dict[int, float]] = {"saved_position": {}, "replay": {}}
@@ -175,10 +183,9 @@ def main() -> None:
         needed = (late + 1) * shape["batch"] * shape["block"]
         corpus_tokens = write_corpus(tmp / "corpus.txt", texts, model, 2 * needed)
         config = write_config(tmp / "run.yaml", model, tmp / "corpus.txt", tmp / "run", shape, late + 1, early)
-        proc = igea_train(config, log=tmp / "first.log")
-        proc.communicate()
-        if proc.returncode:
-            raise SystemExit(f"igea train failed:\n{(tmp / 'first.log').read_text()[-3000:]}")
+        output, _ = igea_train(config, log=tmp / "first.log").communicate()
+        if "run saved in" not in output:
+            raise SystemExit(f"igea train failed:\n{output[-3000:]}")
         resume_config = write_config(tmp / "resume.yaml", model, tmp / "corpus.txt", tmp / "resume", shape, late + 1,
                                      early)
         times: dict[str, dict[int, list[float]]] = {"saved_position": {early: [], late: []},

@@ -50,6 +50,18 @@ def write(tmp: Path, name: str, content: str | bytes) -> str:
     return str(path)
 
 
+NON_TEXT = '{"text": "Il fegato è una ghiandola."}\n{"text": 42}\n'
+MALFORMED = '{"text": "Il fegato è una ghiandola."}\n{"text": "interrotto\n'
+LATIN1 = '{"text": "Il fegato è una ghiandola."}\n'.encode() + '{"text": "fegato è"}\n'.encode("latin-1")
+STREAMED = {"data": "  streaming: true\n", "overrides": ["data.validation_split=1"]}
+
+
+def dangling_link(tmp: Path) -> str:
+    link = tmp / "corpus.txt"
+    link.symlink_to(tmp / "moved-away.txt")
+    return str(link)
+
+
 # Each case: (builds the argv from tmp dir, model dir, corpus file) -> expected fragment of the error line.
 Case = Callable[[Path, Path, Path], list[str]]
 
@@ -201,6 +213,20 @@ CASES: dict[str, tuple[Case, str]] = {
                                                               str(tmp / "missing" / "r.json")],
                                            "--output: directory"),
     "config file missing": (lambda tmp, m, c: ["train", str(tmp / "nope.yaml")], "does not exist"),
+    "non-text value in a jsonl corpus": (train_case(corpus=lambda t, c: write(t, "n.jsonl", NON_TEXT)),
+                                         "n.jsonl' row 2: column 'text' holds 42 (int), not text"),
+    "non-text value in an eval corpus": (lambda t, m, c: ["eval", str(m), "--corpus", write(t, "n.jsonl", NON_TEXT)],
+                                         "n.jsonl' row 2: column 'text' holds 42 (int), not text"),
+    "non-text value in a streamed corpus": (train_case(corpus=lambda t, c: write(t, "n.jsonl", NON_TEXT), **STREAMED),
+                                            "n.jsonl' row 2: column 'text' holds 42 (int), not text"),
+    "malformed jsonl corpus": (train_case(corpus=lambda t, c: write(t, "m.jsonl", MALFORMED)),
+                               "m.jsonl' line 2 is not valid JSON"),
+    "malformed jsonl corpus, streamed": (train_case(corpus=lambda t, c: write(t, "m.jsonl", MALFORMED), **STREAMED),
+                                         "m.jsonl' line 2 is not valid JSON"),
+    "non-UTF-8 jsonl corpus, streamed": (train_case(corpus=lambda t, c: write(t, "l.jsonl", LATIN1), **STREAMED),
+                                         "l.jsonl' is not valid UTF-8 (line 2)"),
+    "dangling symlink as corpus": (train_case(corpus=lambda t, c: dangling_link(t)),
+                                   "corpus.txt' is a symbolic link to"),
 }
 
 

@@ -98,3 +98,17 @@ def test_stream_resume_benchmark_resumes_from_the_saved_position_and_replays_wit
     late, early = str(result["late_step"]), str(result["early_step"])
     assert result["ratio"] == pytest.approx(result["saved_position_s"][late] / result["saved_position_s"][early])
     assert result["corpus_tokens"] >= 2 * (result["late_step"] + 1) * result["batch"] * result["block"]
+
+
+@needs_shared_data
+def test_prepare_benchmark_tokenizes_once_into_exact_uint16_blocks():
+    *runs, summary = run_bench("bench_prepare.py", "--quick")
+
+    assert {(r["scale"], r["num_proc"]) for r in runs} == {(1, 2), (1, 1), (2, 2)}
+    assert summary["all_exact"] and summary["tokenized_once"] and summary["uint16"]
+    assert summary["disk_ratio"] <= 1.05
+    by = {(r["scale"], r["num_proc"]): r for r in runs}
+    assert by[(2, 2)]["tokens"] == 2 * by[(1, 2)]["tokens"] == 2 * by[(1, 1)]["tokens"]
+    # one process or two: the same blocks (the manifest beside them records timings, a few bytes either way)
+    assert abs(by[(1, 1)]["disk_bytes"] - by[(1, 2)]["disk_bytes"]) < 64
+    assert summary["card_projection"]["hours"] > 0 and summary["card_projection"]["blocks_gb"] > 0

@@ -65,13 +65,16 @@ def test_the_readme_multi_process_commands_run_from_a_fresh_output_dir(tmp_path)
     }
     runs = {}
     for name, command in commands.items():
-        done = subprocess.run([*command, f"training.output_dir={tmp_path / name}", *common], cwd=ROOT,
+        done = subprocess.run([*command, f"training.output_dir={tmp_path / name}", *common,
+                               f"data.cache_dir={tmp_path / ('cache-' + name)}"], cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (name, done.stderr[-3000:])
         runs[name] = json.loads((tmp_path / name / "igea_run.json").read_text())
     assert [runs[n]["layout"]["num_devices"] for n in commands] == [1, 2, 2]
     losses = [runs[n]["metrics"]["after"]["eval_loss"] for n in commands]
     assert max(losses) - min(losses) < 1e-4, losses
+    for name in ("torchrun", "accelerate"):  # the corpus was tokenized once, by rank 0; rank 1 opened its blocks
+        assert runs[name]["metrics"]["data"]["cache_by_rank"] == ["built", "loaded"]
 
 
 def test_a_refusal_on_two_ranks_is_one_line_without_tracebacks(tiny_model_dir, corpus_file, tmp_path):

@@ -1,5 +1,7 @@
 """Packing proofs: every token kept in order, positions restart per document, `documents` packing is exact.
 
+Both packers are held to the same proofs: `pack_blocks` (in-memory datasets: held-out evaluation, streamed
+validation) and `blockstore.BlockWriter` (the blocks prepared on disk, fed whole documents a few at a time).
 The exactness test is the point of `data.packing: documents`: a block holding several documents must train
 the model exactly as if each document had been run alone, under both attention implementations.
 """
@@ -15,16 +17,34 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from igea.blockstore import BlockWriter, DocumentEncoder, token_dtype
 from igea.config import DataConfig
-from igea.data import pack_blocks, tokenize_corpus
+from igea.data import BlockCollator, pack_blocks, tokenize_corpus
 from igea.metrics import IGNORE_INDEX
-from igea.train import BlockCollator
+from igea.modeling import train_bpe_tokenizer
 
 from conftest import real_abstracts
+
+PACKERS = ["pack_blocks", "block_writer"]
 
 
 def token_dataset(documents: list[list[int]]) -> Dataset:
     return Dataset.from_dict({"input_ids": documents})
+
+
+def pack(documents: list[list[int]], block_size: int, packing: str, tmp_path, packer: str) -> tuple[Dataset, dict]:
+    """`documents` (token ids) cut into blocks by `packer`; the BlockWriter gets them 3 at a time, so the
+    open block is carried from one call to the next as it is across read chunks."""
+    if packer == "pack_blocks":
+        return pack_blocks(token_dataset(documents), block_size, packing, str(tmp_path))
+    path = tmp_path / f"blocks-{block_size}-{packing}.arrow"
+    writer = BlockWriter(path, block_size, token_dtype(1000), packing == "documents")
+    for start in range(0, len(documents), 3):
+        part = documents[start: start + 3]
+        writer.add(np.array([len(d) for d in part], dtype=np.uint32),
+                   np.array([t for d in part for t in d], dtype=np.uint16))
+    counts = writer.close()
+    return Dataset.from_file(str(path)), {key: counts[key] for key in ("tokens", "blocks", "remainder")}
 
 
 def reference_positions(lengths: list[int], block_size: int) -> list[list[int]]:
@@ -49,14 +69,15 @@ def sentences(limit: int) -> list[str]:
 # pack_blocks: no token lost, none reordered, exact lengths
 
 
+@pytest.mark.parametrize("packer", PACKERS)
 @pytest.mark.parametrize("packing", ["blocks", "documents"])
 @pytest.mark.parametrize("block_size", [2, 7, 64])
-def test_pack_blocks_keeps_every_token_in_order(block_size, packing, tmp_path):
+def test_pack_blocks_keeps_every_token_in_order(block_size, packing, packer, tmp_path):
     rng = random.Random(block_size)
     documents = [[rng.randrange(1, 500) for _ in range(rng.randrange(1, 150))] for _ in range(40)]
     stream = [t for doc in documents for t in doc]
 
-    blocks, stats = pack_blocks(token_dataset(documents), block_size, packing, str(tmp_path))
+    blocks, stats = pack(documents, block_size, packing, tmp_path, packer)
 
     rows = blocks["input_ids"]
     assert all(len(row) == block_size for row in rows)
@@ -67,34 +88,48 @@ def test_pack_blocks_keeps_every_token_in_order(block_size, packing, tmp_path):
     assert 0 <= stats["remainder"] < block_size
 
 
-def test_position_ids_restart_at_each_document_and_block(tmp_path):
+@pytest.mark.parametrize("packer", PACKERS)
+def test_position_ids_restart_at_each_document_and_block(packer, tmp_path):
     # documents of 3, 5 and 2 tokens in blocks of 4: the second document starts at index 3 and
     # continues into the second block, where its positions restart at the block start
     documents = [[11, 12, 13], [21, 22, 23, 24, 25], [31, 32]]
 
-    blocks, stats = pack_blocks(token_dataset(documents), 4, "documents", str(tmp_path))
+    blocks, stats = pack(documents, 4, "documents", tmp_path, packer)
 
     assert blocks["input_ids"] == [[11, 12, 13, 21], [22, 23, 24, 25]]
     assert blocks["position_ids"] == [[0, 1, 2, 0], [0, 1, 2, 3]]
     assert stats == {"tokens": 10, "blocks": 2, "remainder": 2}
 
 
-def test_position_ids_match_a_counting_reference_across_reader_batches(tmp_path):
-    # more than 10,000 documents: the packer reads 10,000 at a time and must carry the open block over
+@pytest.mark.parametrize("packer", PACKERS)
+def test_position_ids_match_a_counting_reference_across_reader_batches(packer, tmp_path):
+    # more than 10,000 documents: pack_blocks reads 10,000 at a time and must carry the open block over
     rng = random.Random(0)
     documents = [[rng.randrange(1, 500) for _ in range(rng.randrange(1, 6))] for _ in range(10_500)]
     lengths = [len(d) for d in documents]
 
-    blocks, stats = pack_blocks(token_dataset(documents), 7, "documents", str(tmp_path))
+    blocks, stats = pack(documents, 7, "documents", tmp_path, packer)
 
     assert blocks["position_ids"] == reference_positions(lengths, 7)
     stream = [t for d in documents for t in d]
     assert [t for row in blocks["input_ids"] for t in row] == stream[: stats["blocks"] * 7]
 
 
-def test_blocks_packing_has_no_position_ids(tmp_path):
-    blocks, _ = pack_blocks(token_dataset([[1, 2, 3], [4, 5, 6]]), 2, "blocks", str(tmp_path))
+@pytest.mark.parametrize("packer", PACKERS)
+def test_blocks_packing_has_no_position_ids(packer, tmp_path):
+    blocks, _ = pack([[1, 2, 3], [4, 5, 6]], 2, "blocks", tmp_path, packer)
     assert blocks.column_names == ["input_ids"]
+
+
+def test_prepared_blocks_are_uint16_when_the_vocabulary_fits_else_int32(tmp_path):
+    assert token_dtype(32768) == token_dtype(65536) == np.uint16  # Minerva's vocabulary: two bytes a token
+    assert token_dtype(65537) == np.int32
+    writer = BlockWriter(tmp_path / "wide.arrow", 2, token_dtype(100_000), with_positions=False)
+    writer.add(np.array([4], dtype=np.uint32), np.array([70_000, 99_999, 1, 65_536], dtype=np.int32))
+    writer.close()
+    blocks = Dataset.from_file(str(tmp_path / "wide.arrow"))
+    assert blocks.features["input_ids"].feature.dtype == "int32"
+    assert blocks["input_ids"] == [[70_000, 99_999], [1, 65_536]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,16 +153,59 @@ def test_tokenize_corpus_puts_eos_after_every_document(tiny_model_dir, tmp_path)
     assert (positions[ends[ends < len(stream) - 1] + 1] == 0).all()  # the token after each EOS starts over
 
 
+@pytest.mark.parametrize("boundary", ["eos", "special_tokens"])
+def test_document_encoder_gives_the_tokenizers_own_ids(tiny_model_dir, boundary):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = sentences(limit=3)
+    encoder = DocumentEncoder(tokenizer, boundary)
+    encoder.check(texts)
+
+    lengths, ids = encoder(texts)
+
+    expected = tokenize_corpus(Dataset.from_dict({"text": texts}), tokenizer,
+                               DataConfig(document_boundary=boundary))["input_ids"]
+    assert encoder.backend is not None and ids.dtype == np.uint16  # the fast path, two bytes a token
+    assert lengths.tolist() == [len(e) for e in expected]
+    assert ids.tolist() == [t for e in expected for t in e]
+
+
+def test_document_encoder_ignores_a_truncation_saved_with_the_tokenizer_and_leaves_it_alone(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.backend_tokenizer.enable_truncation(max_length=4)  # as some tokenizer.json files carry it
+    text = sentences(limit=1)[0]
+
+    lengths, ids = DocumentEncoder(tokenizer, "eos")([text])
+
+    assert tokenizer.backend_tokenizer.truncation["max_length"] == 4  # the encoder worked on a copy
+    assert len(ids) > 5
+    assert ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_document_encoder_falls_back_to_the_tokenizer_when_its_backend_disagrees(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = sentences(limit=2)
+    encoder = DocumentEncoder(tokenizer, "eos")
+    encoder.backend = train_bpe_tokenizer(texts, 300).backend_tokenizer  # another vocabulary
+    encoder.check(texts[:4])
+
+    lengths, ids = encoder(texts)
+
+    assert encoder.backend is None
+    assert ids.tolist() == [t for x in texts for t in tokenizer(x, add_special_tokens=False)["input_ids"]
+                            + [tokenizer.eos_token_id]]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Exactness: a packed block trains like its documents run one by one
 
 
-@pytest.fixture(scope="module")
-def packed_documents(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=PACKERS)
+def packed_documents(request, tiny_model_dir, tmp_path_factory):
     """Three 192-token blocks of real sentences (2 to 4 documents each), with restarting position_ids."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokens = tokenize_corpus(Dataset.from_dict({"text": sentences(limit=4)}), tokenizer, DataConfig())
-    blocks, stats = pack_blocks(tokens, 192, "documents", str(tmp_path_factory.mktemp("packed")))
+    blocks, stats = pack(list(tokens["input_ids"]), 192, "documents", tmp_path_factory.mktemp("packed"),
+                         request.param)
     assert stats["blocks"] >= 3
     return [blocks[i] for i in range(3)]
 

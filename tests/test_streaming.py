@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from igea.basemodel import load_tokenizer
 from igea.config import ConfigError, sample_corpus_path
-from igea.data import prepare_dataset
+from igea.data import BlockCollator, prepare_dataset
 from igea.errors import IgeaError
-from igea.modeling import load_tokenizer
 from igea.streaming import STATE_FILE, BlockStream
 
 from conftest import make_config
@@ -129,7 +129,7 @@ def test_mixing_follows_the_weights_within_two_points(tiny_model_dir, corpus_fil
     if streaming:
         data.update(streaming=True, shuffle_buffer=32)
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, data=data)
-    train = prepare_dataset(cfg).train
+    train = prepare_dataset(cfg, load_tokenizer(cfg)).train
     sources = [row["source"] for _, row in zip(range(3000), train, strict=False)]
     counts = Counter(sources)
     assert len(sources) == 3000
@@ -154,7 +154,7 @@ def test_source_weights_must_be_positive(tiny_model_dir, corpus_file, tmp_path):
 
 
 def test_collator_counts_sources_but_never_feeds_them_to_the_model():
-    batch = train_module.BlockCollator()([{"input_ids": [1, 2, 3], "source": 1}, {"input_ids": [4, 5, 6], "source": 0}])
+    batch = BlockCollator()([{"input_ids": [1, 2, 3], "source": 1}, {"input_ids": [4, 5, 6], "source": 0}])
     assert batch["source"].tolist() == [1, 0] and torch.equal(batch["labels"], batch["input_ids"])
 
 
@@ -185,11 +185,12 @@ def test_tokens_seen_per_source_survive_a_resume(tiny_model_dir, corpus_file, tm
 
 def test_streamed_blocks_are_reshuffled_every_epoch(tiny_model_dir, corpus_file, tmp_path):
     data = {"validation_split": 0, "block_size": 32, "max_documents": 30}
-    in_order = prepare_dataset(make_config(tmp_path, tiny_model_dir, corpus_file, data=data)).train["input_ids"]
+    mapped = make_config(tmp_path, tiny_model_dir, corpus_file, data=data)
+    in_order = prepare_dataset(mapped, load_tokenizer(mapped)).train["input_ids"]
     blocks = len(in_order)
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, data={**data, "streaming": True, "shuffle_buffer": 50},
                       training={"max_steps": 5})
-    train = prepare_dataset(cfg).train
+    train = prepare_dataset(cfg, load_tokenizer(cfg)).train
     two_epochs = [row["input_ids"] for row in islice(train, 2 * blocks)]
     first, second = two_epochs[:blocks], two_epochs[blocks:]
     assert [row["input_ids"] for row in islice(train, blocks)] == first  # the same stream, the same order
@@ -201,7 +202,7 @@ def test_streamed_blocks_are_reshuffled_every_epoch(tiny_model_dir, corpus_file,
 def stream_of(tmp_path, model_dir, corpus, **data):
     cfg = make_config(tmp_path, model_dir, corpus, training={"max_steps": 5},
                       data={"streaming": True, "validation_split": 5, "block_size": 32, **data})
-    return lambda: prepare_dataset(cfg).train
+    return lambda: prepare_dataset(cfg, load_tokenizer(cfg)).train
 
 
 @pytest.mark.parametrize("packing", ["blocks", "documents"])

@@ -51,8 +51,8 @@ def test_run_dir_holds_safetensors_tokenizer_and_marker(finished_run):
 
 def test_trainer_accuracy_equals_a_forward_pass_by_hand(finished_run):
     cfg, result = finished_run
+    from igea.basemodel import load_tokenizer
     from igea.data import prepare_dataset
-    from igea.modeling import load_tokenizer
 
     data = prepare_dataset(cfg, load_tokenizer(cfg))
     model = AutoModelForCausalLM.from_pretrained(cfg.output_dir).eval()

@@ -14,9 +14,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, MistralConfig, MistralForCausalLM
 
 import igea
+from igea.basemodel import base_model_path, load_tokenizer
 from igea.cli import main
 from igea.config import config_from_dict
-from igea.modeling import base_model_path, load_tokenizer
 from igea.vocab import REPORT, hold_out, words
 
 from conftest import config_dict, make_config, real_abstracts, write_config

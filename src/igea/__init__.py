@@ -28,8 +28,7 @@ _EXPORTS = {
     "fertility": "igea.vocab",
     "generate": "igea.generate",
     "load_config": "igea.config",
-    "load_model": "igea.modeling",
-    "prepare_dataset": "igea.data",
+    "load_model": "igea.basemodel",
     "preset": "igea.config",
     "run": "igea.run",
     "train": "igea.train",
@@ -42,12 +41,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what editors and type checkers see
+    from transformers import PreTrainedTokenizerBase
+
+    from igea.basemodel import load_model
     from igea.config import IgeaConfig, load_config, preset
-    from igea.data import PreparedData, prepare_dataset
+    from igea.data import PreparedData
     from igea.errors import ConfigError, IgeaError
     from igea.evaluate import evaluate
     from igea.generate import Completion, Generator, generate
-    from igea.modeling import build_tiny_model, load_model
+    from igea.modeling import build_tiny_model
     from igea.run import run
     from igea.train import RunResult, train
     from igea.vocab import bits_per_byte, extend_vocabulary, fertility
@@ -77,3 +79,14 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+
+def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedData:
+    """The packed train/validation blocks of the config's corpus (prepared once on disk, then reused).
+
+    Tokenizes with `tokenizer`, by default the base model's (building the tiny model first if the config asks).
+    """
+    from igea.basemodel import load_tokenizer
+    from igea.data import prepare_dataset as prepare
+
+    return prepare(cfg, tokenizer if tokenizer is not None else load_tokenizer(cfg))

@@ -202,9 +202,67 @@ def add_generate(commands) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from igea.generate import run_cli
+    """`igea generate`: continue prompts from arguments, a file or stdin; as text, streamed or JSON lines."""
+    from igea.config import GenerationConfig
+    from igea.errors import ConfigError
+    from igea.generate import (
+        DEFAULT_BATCH_SIZE,
+        PARAMETERS,
+        Generator,
+        check_streamable,
+        run_generation_config,
+        with_overrides,
+    )
 
-    return run_cli(args)
+    if args.stream and args.jsonl:
+        raise ConfigError("--stream and --jsonl cannot be combined; choose one")
+    prompts = read_prompts(args.prompts, args.file)
+    overrides = {name: getattr(args, name) for name in PARAMETERS if getattr(args, name, None) is not None}
+    settings = with_overrides(run_generation_config(args.path) or GenerationConfig(), **overrides)
+    if args.stream:
+        check_streamable(settings)  # bad values fail before the model loads
+    generator = Generator.from_pretrained(args.path, device=args.device, dtype=args.dtype, config=settings)
+    if args.stream:
+        for prompt in prompts:
+            if args.full_text:
+                print(prompt, end="", flush=True)
+            for piece in generator.stream(prompt, truncate_left=args.truncate_left):
+                print(piece, end="", flush=True)
+            print()
+        return 0
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    for c in generator.complete(prompts, truncate_left=args.truncate_left, batch_size=batch_size):
+        text = c.prompt + c.text if args.full_text else c.text
+        if args.jsonl:
+            record = {"prompt": c.prompt, "completion": text, "tokens": c.tokens, "seconds": c.seconds}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(text)
+    return 0
+
+
+def read_prompts(arguments: list[str], file: str | None) -> list[str]:
+    """The prompt arguments, then the lines of `file` ('-' is stdin); stdin alone when nothing else is given
+    and it is not a terminal. Blank lines are skipped; trailing spaces kept ('Il fegato è ' asks for the next
+    word)."""
+    prompts = list(arguments)
+    text = None
+    if file == "-" or (file is None and not prompts and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+    elif file is not None:
+        try:
+            text = Path(file).read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise IgeaError(f"--file: '{file}' does not exist") from None
+        except IsADirectoryError:
+            raise IgeaError(f"--file: '{file}' is a directory; give a text file, one prompt a line") from None
+        except UnicodeDecodeError:
+            raise IgeaError(f"--file: '{file}' is not UTF-8 text") from None
+    if text is not None:
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise IgeaError("generate: no prompts; give them as arguments, with --file FILE, or on stdin")
+    return prompts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,9 +304,30 @@ def add_eval(commands) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from igea.evaluate import run_cli
+    """`igea eval PATH [--corpus FILES] [--tasks a,b] [--compare BASE] ...`."""
+    from igea.config import EvalConfig
+    from igea.errors import ConfigError
+    from igea.evaluate import evaluate, format_results
+    from igea.rundir import write_json_atomic
 
-    return run_cli(args)
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise IgeaError(f"--output: directory '{Path(args.output).parent}' does not exist; create it first")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    try:
+        eval_config = EvalConfig(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                 batch_size=args.batch_size)
+    except ConfigError as err:  # name the flag the user typed, not the config key
+        key, _, rest = str(err).partition(":")
+        raise ConfigError(f"--{key.removeprefix('eval.').replace('_', '-')}:{rest}") from None
+    corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus  # a hub id is a str
+    results = evaluate(args.path, corpus=corpus, compare=args.compare, eval_config=eval_config,
+                       block_size=args.block_size, device=args.device, dtype=args.dtype)
+    print(format_results(results))
+    if args.output:
+        write_json_atomic(Path(args.output), results)
+        what = "results with per-question predictions" if tasks else "results"
+        print(f"\n{what} written to {args.output}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------

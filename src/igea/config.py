@@ -831,6 +831,11 @@ def resolve_local_files(paths: str | list[str], key: str) -> list[str] | None:
         if not matches:
             where = "" if os.path.isabs(expanded) else f" (relative to the current directory, {os.getcwd()})"
             raise ConfigError(f"{key}: no file matches '{item}'{where}")
+        broken = next((m for m in matches if os.path.islink(m) and not os.path.exists(m)), None)
+        if broken is not None:
+            raise ConfigError(f"{key}: '{broken}' is a symbolic link to '{os.readlink(broken)}', which does not exist")
+        if not any(os.path.isfile(m) for m in matches):
+            raise ConfigError(f"{key}: '{item}' matches no file")
         files.extend(m for m in matches if os.path.isfile(m))
     return files
 

@@ -1,22 +1,32 @@
-"""Corpus -> clean documents -> token ids -> fixed-length blocks, on top of `datasets`.
+"""Corpus -> clean documents -> token ids -> fixed-length blocks.
 
 The steps, each a small function: `load_corpus` (hub id or local txt/jsonl/parquet/csv), `clean_corpus`,
 `split_corpus`, `tokenize_corpus` (a document boundary after every document) and `pack_blocks`
 (every token kept, in order, in `block_size` blocks with no padding). `prepare_dataset` runs them all.
-Each step is a `datasets` operation, so results are cached on disk and keyed by their inputs.
+
+A map-style corpus is prepared once on disk (`prepare_corpus`, igea.blockstore): its documents are read as a
+stream, tokenized in `data.num_proc` processes and cut into blocks that every rank and every later run
+memory-maps, keyed by everything that changes them. A streamed corpus (`data.streaming`) is tokenized and
+packed on the fly instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
+import torch
 from datasets import (
     Dataset,
     Features,
@@ -29,9 +39,19 @@ from datasets import (
 )
 from transformers import PreTrainedTokenizerBase
 
+from igea.blockstore import (
+    DocumentEncoder,
+    HeldOut,
+    PreparedBlocks,
+    build_blocks,
+    cache_key,
+    open_or_build,
+    tokenizer_fingerprint,
+)
 from igea.config import DataConfig, IgeaConfig, SourceConfig, looks_local, resolve_local_files
 from igea.errors import IgeaError
 from igea.hub import hub_reachable
+from igea.metrics import IGNORE_INDEX
 from igea.streaming import BlockStream
 
 logger = logging.getLogger(__name__)
@@ -39,62 +59,187 @@ logger = logging.getLogger(__name__)
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
 PMID_PREFIX = re.compile(r"^\s*\d+\s*\|")
+READ_BATCH = 1000  # documents read, cleaned and tokenized together
 
 
 @dataclass
 class PreparedData:
-    """Packed train and validation blocks, with the counts that show nothing was lost on the way."""
+    """Packed train and validation blocks, with the counts that show nothing was lost on the way.
 
-    train: Dataset
+    `stats["cache"]` says whether this process tokenized the corpus ("built") or opened blocks prepared
+    before ("loaded"); `stats["prepared"]` says where they are.
+    """
+
+    train: Dataset | IterableDataset
     validation: Dataset | None
-    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedData:
+def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Load, clean, split, tokenize and pack the corpus (or the weighted corpora) the `data:` section names.
 
-    With `data.streaming` the train split is an iterable read, tokenized and packed on the fly; the
-    validation split is always a small in-memory set of blocks.
+    The blocks are prepared once on disk and memory-mapped (`prepare_corpus`). With `data.streaming` the train
+    split is an iterable read, tokenized and packed on the fly; its validation split is a small in-memory set
+    of blocks.
     """
-    if tokenizer is None:
-        from igea.modeling import load_tokenizer  # the tokenizer may first need the tiny model built
-
-        tokenizer = load_tokenizer(cfg)
     d = cfg.data
     seed = d.seed if d.seed is not None else cfg.training.get("seed", 42)
+    if not d.streaming:
+        return prepare_blocks(d, tokenizer, seed)
     sources = data_sources(d)
     train_parts, validation_parts = [], []
     for source in sources:
-        documents = clean_corpus(load_corpus(d, source), d)
-        if d.validation_path is not None:
-            train_parts.append(documents)
-        else:
-            split = split_corpus(documents, d.validation_split, seed)
-            train_parts.append(split["train"])
-            validation_parts.extend([split["validation"]] if "validation" in split else [])
+        with explained_errors(d, source):
+            split = split_corpus(clean_corpus(load_corpus(d, source), d), d.validation_split, seed)
+        train_parts.append(split["train"])
+        validation_parts.extend([split["validation"]] if "validation" in split else [])
     if d.validation_path is not None:
         validation_source = SourceConfig(path=d.validation_path, text_column=d.text_column, name=d.name, split=d.split)
         validation_parts = [clean_corpus(load_corpus(d, validation_source, streaming=False), d)]
 
-    stats: dict[str, dict[str, Any]] = {}
+    stats: dict[str, Any] = {}
     validation = None
     if validation_parts:
         documents = validation_parts[0] if len(validation_parts) == 1 else concatenate_datasets(validation_parts)
         validation, stats["validation"] = pack_split("validation", documents, tokenizer, d)
-    if d.streaming:
-        train = BlockStream(train_parts, [source_label(s) for s in sources], [s.weight for s in sources],
-                            tokenizer, d, seed)
-        stats["train"] = {"streaming": True, "sources": [source_label(s) for s in sources]}
-    else:
-        blocks, per_source = [], {}
-        for documents, source in zip(train_parts, sources, strict=True):
-            label = source_label(source)
-            packed, per_source[label] = pack_split(f"train ({label})" if len(sources) > 1 else "train",
-                                                   documents, tokenizer, d)
-            blocks.append(packed)
-        train = mix_blocks(blocks, sources, seed)
-        stats["train"] = summed_stats(per_source, len(train))
+    train = BlockStream(train_parts, [source_label(s) for s in sources], [s.weight for s in sources], tokenizer, d,
+                        seed, explain=lambda index: explained_errors(d, sources[index]))
+    stats["train"] = {"streaming": True, "sources": [source_label(s) for s in sources]}
     return PreparedData(train, validation, stats)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparation on disk
+
+
+def prepare_blocks(d: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
+    """Train and validation blocks of a map-style corpus, each source prepared once and memory-mapped."""
+    sources = data_sources(d)
+    held_out = HeldOut(0 if d.validation_path is not None else d.validation_split, seed)
+    corpora = [prepare_corpus(d, source, tokenizer, held_out) for source in sources]
+    blocks, per_source = [], {}
+    for corpus, source in zip(corpora, sources, strict=True):
+        label = source_label(source)
+        per_source[label] = checked_counts(f"train ({label})" if len(sources) > 1 else "train",
+                                           corpus.manifest["kept"], d)
+        blocks.append(corpus.kept)
+    if d.validation_path is not None:
+        source = SourceConfig(path=d.validation_path, text_column=d.text_column, name=d.name, split=d.split)
+        corpora.append(prepare_corpus(d, source, tokenizer, HeldOut(0, seed)))
+        held = [(corpora[-1].kept, corpora[-1].manifest["kept"])]
+    else:
+        held = [(c.held_out, c.manifest["held_out"]) for c in corpora if c.held_out is not None]
+    stats: dict[str, Any] = {}
+    validation = None
+    if held:
+        validation = held[0][0] if len(held) == 1 else concatenate_datasets([h[0] for h in held])
+        counts = {key: sum(h[1][key] for h in held) for key in ("documents", "tokens", "blocks", "remainder")}
+        stats["validation"] = checked_counts("validation", counts, d)
+    train = mix_blocks(blocks, sources, seed)
+    stats["train"] = summed_stats(per_source, len(train))
+    stats["cache"] = "built" if any(c.cache == "built" for c in corpora) else "loaded"
+    stats["prepared"] = {"dirs": [str(c.path) for c in corpora], "token_dtype": corpora[0].manifest["token_dtype"]}
+    return PreparedData(train, validation, stats)
+
+
+def prepare_corpus(d: DataConfig, source: SourceConfig, tokenizer: PreTrainedTokenizerBase,
+                   held_out: HeldOut) -> PreparedBlocks:
+    """The blocks of one source (and of its held-out documents), tokenized once and kept on disk.
+
+    They live in `<data.cache_dir or the datasets cache>/igea-blocks/<key>`, the key a hash of everything that
+    changes them: the corpus files (path, size, modification time) or hub id, text column, cleaning, boundary,
+    block size, packing, the held-out split and its seed, and the tokenizer.
+    """
+    settings = {
+        "corpus": corpus_identity(d, source),
+        "text_column": source.text_column or d.text_column,
+        "max_documents": d.max_documents,
+        "min_chars": d.min_chars,
+        "encoding_errors": d.encoding_errors,
+        "document_boundary": d.document_boundary,
+        "block_size": d.block_size,
+        "packing": d.packing,
+        "held_out": {"split": held_out.split, "seed": held_out.seed} if held_out.split else None,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+
+    def build(directory: Path) -> dict[str, Any]:
+        encoder = DocumentEncoder(tokenizer, d.document_boundary)
+        batches = document_batches(d, source)
+        first = next(batches)
+        encoder.check(first[:16])
+        return build_blocks(chain([first], batches), encoder, directory, block_size=d.block_size,
+                            packing=d.packing, held_out=held_out, num_proc=d.num_proc or 1)
+
+    prepared = open_or_build(prepared_root(d), cache_key(settings), settings, build)
+    logger.info("%s: %s blocks in %s", source_label(source), prepared.cache, prepared.path)
+    return prepared
+
+
+def prepared_root(d: DataConfig) -> Path:
+    """Where prepared blocks are kept: `data.cache_dir`, else the datasets cache (HF_DATASETS_CACHE)."""
+    import datasets
+
+    return Path(d.cache_dir or datasets.config.HF_DATASETS_CACHE) / "igea-blocks"
+
+
+def corpus_identity(d: DataConfig, source: SourceConfig) -> dict[str, Any]:
+    """What names a corpus's content: each local file's path, size and modification time, or the hub id."""
+    files = resolve_local_files(source.path, "data.path")
+    if files is None:
+        return {"hub": source.path, "name": source.name, "split": source.split, "revision": d.revision}
+    return {"files": [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]}
+
+
+def checked_counts(name: str, counts: dict[str, int], d: DataConfig) -> dict[str, int]:
+    """A split's counts, refusing a split too short for a single block."""
+    logger.info("%s: %d documents, %d tokens -> %d blocks of %d (%d tokens left over at the end)",
+                name, counts["documents"], counts["tokens"], counts["blocks"], d.block_size, counts["remainder"])
+    if counts["blocks"] == 0:
+        raise IgeaError(
+            f"data: the {name} split has {counts['tokens']} tokens, fewer than one block of "
+            f"data.block_size={d.block_size}; lower the block size or give it more text"
+        )
+    return dict(counts)
+
+
+def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ_BATCH) -> Iterator[list[str]]:
+    """The cleaned texts of one source, in order, `batch_size` documents at a time.
+
+    The files are read as a stream: nothing is loaded whole or copied into a cache. Cleaning is
+    `clean_corpus`'s: whitespace stripped, documents shorter than `data.min_chars` dropped.
+    """
+    column = source.text_column or d.text_column
+    min_chars = max(d.min_chars, 1)
+    files = resolve_local_files(source.path, "data.path")
+    strip_pmid = files is not None and file_format(files[0]) == "text"
+    read = kept = 0
+    with explained_errors(d, source):
+        dataset = _open_files(files, d, streaming=True) if files else _load_hub(source, d, streaming=True)
+        _check_column(dataset, column, files[0] if files else str(source.path))
+        for batch in dataset.select_columns([column]).iter(batch_size=batch_size):
+            texts = batch[column]
+            if d.max_documents is not None:
+                texts = texts[: d.max_documents - read]
+            _check_texts(texts)
+            read += len(texts)
+            if strip_pmid:
+                texts = [PMID_PREFIX.sub("", t, count=1) for t in texts]
+            texts = [s for s in ((t or "").strip() for t in texts) if len(s) >= min_chars]
+            kept += len(texts)
+            if texts:
+                yield texts
+            if d.max_documents is not None and read >= d.max_documents:
+                break
+    logger.info("kept %d of %d documents (%d dropped: empty or shorter than %d characters)",
+                kept, read, read - kept, min_chars)
+    if kept == 0:
+        raise IgeaError(f"data: the corpus has no documents of at least {min_chars} characters ({read} read)")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def pack_split(name: str, documents: Dataset, tokenizer: PreTrainedTokenizerBase, d: DataConfig):
@@ -102,14 +247,7 @@ def pack_split(name: str, documents: Dataset, tokenizer: PreTrainedTokenizerBase
     tokens = tokenize_corpus(documents, tokenizer, d)
     blocks, stats = pack_blocks(tokens, d.block_size, d.packing, d.cache_dir)
     stats["documents"] = len(documents)
-    logger.info("%s: %d documents, %d tokens -> %d blocks of %d (%d tokens left over at the end)",
-                name, len(documents), stats["tokens"], stats["blocks"], d.block_size, stats["remainder"])
-    if stats["blocks"] == 0:
-        raise IgeaError(
-            f"data: the {name} split has {stats['tokens']} tokens, fewer than one block of "
-            f"data.block_size={d.block_size}; lower the block size or give it more text"
-        )
-    return blocks, stats
+    return blocks, checked_counts(name, stats, d)
 
 
 def summed_stats(per_source: dict[str, dict[str, int]], mixed_blocks: int) -> dict[str, Any]:
@@ -147,7 +285,8 @@ def mix_blocks(blocks: list, sources: list[SourceConfig], seed: int):
     """
     if len(blocks) == 1:
         return blocks[0]
-    tagged = [b.map(_tag_source(i), batched=True) for i, b in enumerate(blocks)]
+    tagged = [b.add_column("source", np.full(len(b), i, dtype=np.int32)) if isinstance(b, Dataset)
+              else b.map(_tag_source(i), batched=True) for i, b in enumerate(blocks)]
     total = sum(s.weight for s in sources)
     return interleave_datasets(tagged, probabilities=[s.weight / total for s in sources], seed=seed,
                                stopping_strategy="first_exhausted")
@@ -179,11 +318,9 @@ def load_corpus(d: DataConfig, source: SourceConfig | None = None, streaming: bo
         dataset = _load_files(files, d, streaming)
         where = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} files)"
     column = source.text_column or d.text_column
-    columns = column_names(dataset)
-    if column not in columns:
-        raise IgeaError(
-            f"data.text_column: column '{column}' is not in '{where}'; its columns are: {', '.join(columns)}"
-        )
+    _check_column(dataset, column, where)
+    if not streaming and not _is_text(dataset.features[column]):
+        _raise_not_text(d, source)
     dataset = dataset.select_columns([column])
     if column != "text":
         dataset = dataset.rename_column(column, "text")
@@ -191,6 +328,18 @@ def load_corpus(d: DataConfig, source: SourceConfig | None = None, streaming: bo
         dataset = dataset.take(d.max_documents) if streaming else dataset.select(
             range(min(d.max_documents, len(dataset))))
     return dataset
+
+
+def _check_column(dataset, column: str, where: str) -> None:
+    columns = column_names(dataset)
+    if column not in columns:
+        raise IgeaError(
+            f"data.text_column: column '{column}' is not in '{where}'; its columns are: {', '.join(columns)}"
+        )
+
+
+def _is_text(feature: Any) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null")
 
 
 def column_names(dataset) -> list[str]:
@@ -239,6 +388,14 @@ def file_format(path: str) -> str:
 
 
 def _load_files(files: list[str], d: DataConfig, streaming: bool = False):
+    dataset = _open_files(files, d, streaming)
+    if file_format(files[0]) == "text":
+        dataset = dataset.map(_strip_pmid, batched=True, **({} if streaming else {"desc": "Reading lines"}))
+    return dataset
+
+
+def _open_files(files: list[str], d: DataConfig, streaming: bool):
+    """`datasets`' reader for the files' format (all of one format), as a Dataset or a stream."""
     builders = {file_format(f) for f in files}
     if len(builders) > 1:
         raise IgeaError(f"data.path: files of different formats ({', '.join(sorted(builders))}); use data.sources")
@@ -247,13 +404,10 @@ def _load_files(files: list[str], d: DataConfig, streaming: bool = False):
     if builder in ("text", "json", "csv"):
         kwargs["encoding_errors"] = d.encoding_errors
     try:
-        dataset = load_dataset(builder, data_files=files, split="train", cache_dir=d.cache_dir, streaming=streaming,
-                               **kwargs)
+        return load_dataset(builder, data_files=files, split="train", cache_dir=d.cache_dir, streaming=streaming,
+                            **kwargs)
     except Exception as err:  # datasets wraps reader errors in DatasetGenerationError
-        raise _explain_load_error(err, files) from err
-    if builder == "text":
-        dataset = dataset.map(_strip_pmid, batched=True, **({} if streaming else {"desc": "Reading lines"}))
-    return dataset
+        raise explain_read_error(err, files, files[0]) from err
 
 
 def _strip_pmid(batch: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -261,39 +415,113 @@ def _strip_pmid(batch: dict[str, list[str]]) -> dict[str, list[str]]:
     return {"text": [PMID_PREFIX.sub("", line, count=1) for line in batch["text"]]}
 
 
-def _explain_load_error(err: Exception, files: list[str]) -> IgeaError:
-    cause: BaseException | None = err
-    while cause is not None and not isinstance(cause, UnicodeDecodeError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        bad = next((f for f in files if not _is_utf8(f)), files[0])
-        return IgeaError(
-            f"data.path: '{bad}' is not valid UTF-8; fix the file or set data.encoding_errors: replace "
-            "(bad bytes become U+FFFD) or ignore (they are dropped)"
-        )
-    return IgeaError(f"cannot read corpus {files[0]}: {str(err).splitlines()[0]}")
-
-
-def _is_utf8(path: str) -> bool:
-    import codecs
-
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                decoder.decode(chunk)
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def read_documents(d: DataConfig, limit: int | None = None) -> list[str]:
     """The first `limit` cleaned documents of the corpus as plain strings (to train a tokenizer on)."""
-    corpus = clean_corpus(load_corpus(d, streaming=False), d)
-    if limit is not None:
-        corpus = corpus.select(range(min(limit, len(corpus))))
-    return list(corpus["text"])
+    texts: list[str] = []
+    for batch in document_batches(d, data_sources(d)[0]):
+        texts.extend(batch)
+        if limit is not None and len(texts) >= limit:
+            return texts[:limit]
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Read errors: one line naming the file (and the line or row when it can be found)
+
+
+class NotTextError(IgeaError):
+    """A document's text is not a string (e.g. `{"text": 42}`)."""
+
+
+@contextmanager
+def explained_errors(d: DataConfig, source: SourceConfig):
+    """Turn a failure to read `source` into one IgeaError naming the file (and line or row when found)."""
+    try:
+        yield
+    except NotTextError:
+        _raise_not_text(d, source)
+        raise
+    except IgeaError:
+        raise
+    except Exception as err:
+        files = resolve_local_files(source.path, "data.path")
+        raise explain_read_error(err, files, files[0] if files else str(source.path)) from err
+
+
+def _check_texts(texts: list) -> None:
+    for text in texts:
+        if text is not None and not isinstance(text, str):
+            raise NotTextError(f"data.text_column: a document is {_short(text)} ({type(text).__name__}), not text")
+
+
+def _raise_not_text(d: DataConfig, source: SourceConfig) -> None:
+    """Read `source` file by file up to its first value that is not text, and name that file and row."""
+    column = source.text_column or d.text_column
+    files = resolve_local_files(source.path, "data.path")
+    for where in files or [str(source.path)]:
+        dataset = _open_files([where], d, streaming=True) if files else _load_hub(source, d, streaming=True)
+        row = 0
+        for batch in dataset.select_columns([column]).iter(batch_size=READ_BATCH):
+            for text in batch[column]:
+                row += 1
+                if text is not None and not isinstance(text, str):
+                    raise IgeaError(f"data.text_column: '{where}' row {row}: column '{column}' holds {_short(text)} "
+                                    f"({type(text).__name__}), not text")
+
+
+def explain_read_error(err: BaseException, files: list[str] | None, where: str) -> IgeaError:
+    """The one-line error for a corpus that cannot be read: bad UTF-8 or bad JSON located in its file."""
+    causes = []
+    cause: BaseException | None = err
+    while cause is not None and len(causes) < 20:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, UnicodeDecodeError) for c in causes):
+        bad, line = next(((f, n) for f in files or [] if (n := _first_bad_utf8_line(f))), (where, None))
+        at = f" (line {line})" if line else ""
+        return IgeaError(
+            f"data.path: '{bad}' is not valid UTF-8{at}; fix the file or set data.encoding_errors: replace "
+            "(bad bytes become U+FFFD) or ignore (they are dropped)"
+        )
+    if any("json" in str(c).lower() for c in causes):
+        for f in files or []:
+            if file_format(f) == "json" and (bad := _first_bad_json_line(f)):
+                return IgeaError(f"data.path: '{f}' line {bad[0]} is not valid JSON: {bad[1]}")
+    reason = next((str(c) for c in reversed(causes) if str(c).strip()), type(err).__name__)
+    return IgeaError(f"cannot read corpus '{where}': {reason.strip().splitlines()[0][:300]}")
+
+
+def _first_bad_utf8_line(path: str) -> int | None:
+    """The first line of a plain file that is not UTF-8 (lines can be decoded alone: \\n is never inside a
+    UTF-8 sequence); None when there is none or the file is compressed."""
+    if path.lower().endswith(COMPRESSION) or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None
+
+
+def _first_bad_json_line(path: str) -> tuple[int, str] | None:
+    """(line number, reason) of the first line of a plain JSON-lines file that is not a JSON object."""
+    if path.lower().endswith(COMPRESSION) or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                return number, f"{err.msg.removesuffix(' at')} at column {err.colno}"
+            except ValueError as err:  # bytes that are not text
+                return number, str(err).splitlines()[0]
+            if not isinstance(value, dict):
+                return number, f"expected an object, got {_short(value)}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,31 +551,21 @@ def clean_corpus(dataset, d: DataConfig):
 
 
 def _strip_texts(batch: dict[str, list]) -> dict[str, list[str]]:
+    _check_texts(batch["text"])
     return {"text": [(t or "").strip() for t in batch["text"]]}
 
 
-def split_corpus(corpus, validation_split: float | int, seed: int) -> dict[str, Any]:
-    """A seeded random train/validation split: a fraction (0.05) or a count of documents (500).
+def split_corpus(corpus: IterableDataset, validation_split: int, seed: int) -> dict[str, Any]:
+    """A streamed corpus's first `validation_split` documents (a count) for validation, in memory.
 
-    A streamed corpus gives its first `validation_split` documents (a count) to validation, in memory.
+    (A map-style corpus is split at random by documents where it is prepared: `blockstore.HeldOut`.)
     """
-    if isinstance(corpus, IterableDataset):
-        if not validation_split:
-            return {"train": corpus}
-        held_out = Dataset.from_list(list(corpus.take(validation_split)))
-        if len(held_out) == 0:
-            raise IgeaError("data: the streamed corpus has no documents")
-        return {"train": corpus.skip(validation_split), "validation": held_out}
-    n = len(corpus)
-    count = round(n * validation_split) if isinstance(validation_split, float) else validation_split
-    if validation_split and count == 0:
-        count = 1
-    if count == 0:
+    if not validation_split:
         return {"train": corpus}
-    if count >= n:
-        raise IgeaError(f"data.validation_split: {validation_split!r} leaves no training documents (corpus has {n})")
-    parts = corpus.train_test_split(test_size=count, seed=seed, shuffle=True)
-    return {"train": parts["train"], "validation": parts["test"]}
+    held_out = Dataset.from_list(list(corpus.take(validation_split)))
+    if len(held_out) == 0:
+        raise IgeaError("data: the streamed corpus has no documents")
+    return {"train": corpus.skip(validation_split), "validation": held_out}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -441,3 +659,26 @@ def _cut_blocks(batches, block_size: int, with_positions: bool):
         if with_positions:
             carry_starts = carry_starts[used:]
         offset += used
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+
+
+class BlockCollator:
+    """Stack equal-length blocks into a batch; labels are the inputs (the model shifts them).
+
+    Blocks packed by document carry `position_ids`; the first token of each document is then not a target,
+    so no token is predicted from another document.
+    """
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
+        batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+        if "position_ids" in examples[0]:
+            position_ids = torch.tensor([e["position_ids"] for e in examples], dtype=torch.long)
+            batch["position_ids"] = position_ids
+            batch["labels"][position_ids == 0] = IGNORE_INDEX
+        if "source" in examples[0]:  # mixed corpora: which source each block came from (counted, not modelled)
+            batch["source"] = torch.tensor([e["source"] for e in examples], dtype=torch.long)
+        return batch

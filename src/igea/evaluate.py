@@ -6,11 +6,9 @@ the model is a run directory; `compare` scores a second model (the base) on the 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,13 +17,12 @@ from torch.utils.data import DataLoader
 from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase
 
 from igea.config import DataConfig, EvalConfig
-from igea.data import clean_corpus, load_corpus, pack_blocks, tokenize_corpus
+from igea.data import BlockCollator, clean_corpus, load_corpus, pack_blocks, tokenize_corpus
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import NextTokenMetrics, argmax_and_nll, perplexity
 from igea.modeling import load_pretrained
-from igea.rundir import run_config, write_json_atomic
+from igea.rundir import run_config
 from igea.tasks import check_task_names, context_length, load_task, markdown_table, run_tasks
-from igea.train import BlockCollator
 
 logger = logging.getLogger(__name__)
 
@@ -222,25 +219,3 @@ def format_results(results: dict[str, Any]) -> str:
     if "table" in results:
         lines += ["", results["table"]] if lines else [results["table"]]
     return "\n".join(lines)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`igea eval PATH [--corpus FILES] [--tasks a,b] [--compare BASE] ...`."""
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise IgeaError(f"--output: directory '{Path(args.output).parent}' does not exist; create it first")
-    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
-    try:
-        eval_config = EvalConfig(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                 batch_size=args.batch_size)
-    except ConfigError as err:  # name the flag the user typed, not the config key
-        key, _, rest = str(err).partition(":")
-        raise ConfigError(f"--{key.removeprefix('eval.').replace('_', '-')}:{rest}") from None
-    corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus  # a hub id is a str
-    results = evaluate(args.path, corpus=corpus, compare=args.compare, eval_config=eval_config,
-                       block_size=args.block_size, device=args.device, dtype=args.dtype)
-    print(format_results(results))
-    if args.output:
-        write_json_atomic(Path(args.output), results)
-        what = "results with per-question predictions" if tasks else "results"
-        print(f"\n{what} written to {args.output}")
-    return 0

@@ -6,15 +6,11 @@ its parameters come from the run's `generation:` section and can be overridden p
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -276,58 +272,3 @@ def generate(
 
 # ----------------------------------------------------------------------------------------------------------
 # igea generate
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`igea generate`: continue prompts from arguments, a file or stdin; as text, streamed or JSON lines."""
-    if args.stream and args.jsonl:
-        raise ConfigError("--stream and --jsonl cannot be combined; choose one")
-    prompts = read_prompts(args.prompts, args.file)
-    overrides = {name: getattr(args, name) for name in PARAMETERS if getattr(args, name, None) is not None}
-    settings = with_overrides(run_generation_config(args.path) or GenerationConfig(), **overrides)
-    if args.stream:
-        check_streamable(settings)  # bad values fail before the model loads
-    truncate_left = args.truncate_left
-    generator = Generator.from_pretrained(args.path, device=args.device, dtype=args.dtype, config=settings)
-    if args.stream:
-        for prompt in prompts:
-            if args.full_text:
-                print(prompt, end="", flush=True)
-            for piece in generator.stream(prompt, truncate_left=truncate_left):
-                print(piece, end="", flush=True)
-            print()
-        return 0
-    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-    for c in generator.complete(prompts, truncate_left=truncate_left, batch_size=batch_size):
-        text = c.prompt + c.text if args.full_text else c.text
-        if args.jsonl:
-            record = {"prompt": c.prompt, "completion": text, "tokens": c.tokens, "seconds": c.seconds}
-            print(json.dumps(record, ensure_ascii=False))
-        else:
-            print(text)
-    return 0
-
-
-def read_prompts(arguments: list[str], file: str | None) -> list[str]:
-    """The prompt arguments, then the lines of `file` ('-' is stdin); stdin alone when nothing else is given
-    and it is not a terminal."""
-    prompts = list(arguments)
-    if file == "-" or (file is None and not prompts and not sys.stdin.isatty()):
-        prompts += _lines(sys.stdin.read())
-    elif file is not None:
-        try:
-            prompts += _lines(Path(file).read_text(encoding="utf-8-sig"))
-        except FileNotFoundError:
-            raise IgeaError(f"--file: '{file}' does not exist") from None
-        except IsADirectoryError:
-            raise IgeaError(f"--file: '{file}' is a directory; give a text file, one prompt a line") from None
-        except UnicodeDecodeError:
-            raise IgeaError(f"--file: '{file}' is not UTF-8 text") from None
-    if not prompts:
-        raise IgeaError("generate: no prompts; give them as arguments, with --file FILE, or on stdin")
-    return prompts
-
-
-def _lines(text: str) -> list[str]:
-    """Non-blank lines, trailing spaces kept ('Il fegato è ' asks for the next word)."""
-    return [line for line in text.splitlines() if line.strip()]

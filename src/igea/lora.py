@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trainer
 
+from igea.basemodel import base_model_path
 from igea.config import ALL_LINEAR, AdapterConfig, IgeaConfig, looks_local
 from igea.errors import ConfigError, IgeaError
-from igea.modeling import base_model_path, from_pretrained_or_explain
+from igea.modeling import from_pretrained_or_explain
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from igea.config import IgeaConfig, ModelConfig, TinyModelConfig, looks_local
+from igea.data import read_documents
 from igea.errors import ConfigError, IgeaError
 from igea.hub import hub_reachable
 from igea.rundir import TINY_MARKER
@@ -32,40 +33,11 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def base_model_path(cfg: IgeaConfig) -> str:
-    """Where the base model comes from: the configured one, or its copy with `model.extend_vocabulary` applied."""
-    if cfg.model.extend_vocabulary is not None:
-        from igea.vocab import ensure_extended_model  # builds it on first use; igea.vocab builds on this module
-
-        return str(ensure_extended_model(cfg))
-    return configured_model_path(cfg)
-
-
 def configured_model_path(cfg: IgeaConfig) -> str:
     """The model the config names: its hub id / directory, or the tiny model's directory."""
     if cfg.model.name_or_path is not None:
         return cfg.model.name_or_path
     return str(cfg.output_dir / "base-model")
-
-
-def load_tokenizer(cfg: IgeaConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer of the base model; it must define an EOS token to mark document boundaries."""
-    if cfg.model.tiny is not None:
-        ensure_tiny_model(cfg)
-    source = base_model_path(cfg)
-    tokenizer = from_pretrained_or_explain(AutoTokenizer, source, cfg.model)
-    if tokenizer.eos_token_id is None:
-        raise IgeaError(f"tokenizer of '{source}' has no EOS token; igea needs one to separate documents")
-    return tokenizer
-
-
-def load_model(cfg: IgeaConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the base causal LM and its tokenizer as the `model:` section says.
-
-    Builds the tiny model first when `model.tiny` is set and it does not exist yet (that needs the corpus).
-    """
-    tokenizer = load_tokenizer(cfg)
-    return load_causal_lm(base_model_path(cfg), cfg.model), tokenizer
 
 
 def load_causal_lm(source: str, model_cfg: ModelConfig) -> PreTrainedModel:
@@ -168,9 +140,7 @@ def ensure_tiny_model(cfg: IgeaConfig) -> Path:
     marker = target / TINY_MARKER
     if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == recipe:
         return target
-    from igea.data import read_documents  # the corpus trains the tokenizer
-
-    texts = read_documents(cfg.data, limit=20000)
+    texts = read_documents(cfg.data, limit=20000)  # the corpus trains the tokenizer
     return build_tiny_model(texts, cfg.model.tiny, target, recipe)
 
 

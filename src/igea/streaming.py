@@ -33,6 +33,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -228,9 +229,11 @@ class BlockStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, parts: list[IterableDataset], labels: list[str], weights: list[float],
-                 tokenizer: PreTrainedTokenizerBase, d: DataConfig, seed: int) -> None:
+                 tokenizer: PreTrainedTokenizerBase, d: DataConfig, seed: int,
+                 explain: Callable[[int], AbstractContextManager] | None = None) -> None:
         super().__init__()
         self.parts, self.labels, self.tokenizer = parts, labels, tokenizer
+        self.explain = explain or (lambda index: nullcontext())  # turns a read error of source i into one line
         self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.add_eos = d.document_boundary == "eos"
         self.block_size, self.with_positions = d.block_size, d.packing == "documents"
@@ -250,7 +253,8 @@ class BlockStream(torch.utils.data.IterableDataset):
         self._remember(blocks, epoch, mixed, sources)
         while True:
             index = self._source_of(epoch, mixed)
-            block = sources[index].next_block()
+            with self.explain(index):
+                block = sources[index].next_block()
             if block is None:  # the first source to run out ends the epoch
                 if mixed == 0:
                     raise IgeaError(f"data: the streamed corpus '{self.labels[index]}' has fewer tokens than one "

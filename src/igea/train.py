@@ -17,17 +17,18 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from igea.basemodel import base_model_path, load_tokenizer
 from igea.config import IgeaConfig
-from igea.data import PreparedData, prepare_dataset, source_label
+from igea.data import BlockCollator, PreparedData, prepare_dataset, source_label
 from igea.errors import ConfigError, IgeaError
 from igea.lora import apply_lora, check_peft, save_adapter
-from igea.metrics import IGNORE_INDEX, NextTokenMetrics, argmax_and_nll, perplexity
-from igea.modeling import base_model_path, load_causal_lm, load_tokenizer
+from igea.metrics import NextTokenMetrics, argmax_and_nll, perplexity
+from igea.modeling import load_causal_lm
 from igea.preemption import CheckpointOnStop, Preempted, stop_on_signals
 from igea.preflight import check_before_training, check_block_size
 from igea.rundir import (
@@ -59,25 +60,6 @@ class RunResult:
     metrics: dict[str, Any]
     log_history: list[dict[str, Any]] = field(default_factory=list)
     layout: dict[str, Any] = field(default_factory=dict)
-
-
-class BlockCollator:
-    """Stack equal-length blocks into a batch; labels are the inputs (the model shifts them).
-
-    Blocks packed by document carry `position_ids`; the first token of each document is then not a target,
-    so no token is predicted from another document.
-    """
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
-        batch = {"input_ids": input_ids, "labels": input_ids.clone()}
-        if "position_ids" in examples[0]:
-            position_ids = torch.tensor([e["position_ids"] for e in examples], dtype=torch.long)
-            batch["position_ids"] = position_ids
-            batch["labels"][position_ids == 0] = IGNORE_INDEX
-        if "source" in examples[0]:  # mixed corpora: which source each block came from (counted, not modelled)
-            batch["source"] = torch.tensor([e["source"] for e in examples], dtype=torch.long)
-        return batch
 
 
 def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False,
@@ -177,6 +159,8 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
         tokenizer = load_tokenizer(cfg)  # builds the tiny model first when the config asks for one
         check_before_training(cfg, tokenizer)
         data = prepare_dataset(cfg, tokenizer)  # before the weights: a corpus problem shows up in seconds
+    if PartialState().num_processes > 1 and "cache" in data.stats:  # the record shows who tokenized
+        data.stats["cache_by_rank"] = gather_object([data.stats["cache"]])
     model = load_causal_lm(base_model_path(cfg), cfg.model)
     if cfg.peft is not None:
         model = apply_lora(model, cfg)  # lora: only the adapters (and peft.modules_to_save) train

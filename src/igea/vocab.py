@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from igea.blockstore import HeldOut
 from igea.config import DataConfig, IgeaConfig, ModelConfig, SourceConfig, resolve_local_files
 from igea.data import clean_corpus, load_corpus, split_corpus
 from igea.errors import IgeaError
@@ -438,9 +439,13 @@ def run_texts(cfg: IgeaConfig) -> tuple[list[str], list[str]]:
     documents = clean_corpus(load_corpus(d, source), d)
     if d.validation_path is not None:
         return _texts(documents), read_texts(d.validation_path, "data.validation_path", d)
-    seed = d.seed if d.seed is not None else cfg.training.get("seed", 42)  # the split prepare_dataset makes
-    parts = split_corpus(documents, d.validation_split, seed)
-    return _texts(parts["train"]), _texts(parts["validation"]) if "validation" in parts else []
+    seed = d.seed if d.seed is not None else cfg.training.get("seed", 42)
+    if d.streaming:  # the first documents, as the streamed run holds them out
+        parts = split_corpus(documents, d.validation_split, seed)
+        return _texts(parts["train"]), _texts(parts["validation"]) if "validation" in parts else []
+    texts = _texts(documents)
+    held = HeldOut(d.validation_split, seed).mask(len(texts))  # the very split prepare_dataset makes
+    return [t for t, h in zip(texts, held, strict=True) if not h], [t for t, h in zip(texts, held, strict=True) if h]
 
 
 def _texts(dataset) -> list[str]:
