@@ -283,3 +283,25 @@ def test_how_to_use_shows_the_sample_generated_at_the_end(igea_1b_card):
     _, ours = igea_1b_card
     snippet = ours.split("## How to use")[1].split("```")[1]
     assert '# Output (sampled at the end of the run):\n# "Il fegato è una ghiandola del corpo."' in snippet
+
+
+def test_card_of_a_mixed_run_shows_blocks_sources_and_tokens_seen(tmp_path, tiny_model_dir, corpus_file):
+    """Whole blocks are mixed: the train line's tokens are blocks x block size, each source is listed with what
+    it held, and the tokens each supplied during training are a line of their own (no empty bullets)."""
+    lines = corpus_file.read_text(encoding="utf-8").splitlines()
+    (tmp_path / "a.txt").write_text("\n".join(lines[:300]) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("\n".join(lines[300:]) + "\n", encoding="utf-8")
+    sources = [{"path": str(tmp_path / "a.txt"), "weight": 0.7}, {"path": str(tmp_path / "b.txt"), "weight": 0.3}]
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, data={"path": None, "sources": sources,
+                                                                  "validation_split": 4},
+                      training={"max_steps": 4, "eval_steps": 4, "save_steps": 4}, eval={"before_training": False})
+    result = igea.train(cfg)
+    card = write_report(result.output_dir).read_text(encoding="utf-8")
+    summary = between(card, "## Training and evaluation data", "## Training procedure")
+    bullets = [line for line in summary.splitlines() if line.startswith("- ")]
+    assert all(line.split(":", 1)[1].strip() for line in bullets), bullets  # no empty bullet
+    train = next(line for line in bullets if line.startswith("- train: "))
+    blocks = result.metrics["data"]["train"]["blocks"]
+    assert f"{blocks:,} blocks ({blocks * 64:,} tokens) mixed from a.txt: " in train and "; b.txt: " in train
+    seen = next(line for line in bullets if line.startswith("- tokens trained on, per source: "))
+    assert f"a.txt {result.metrics['data']['tokens_seen']['a.txt']:,} (" in seen

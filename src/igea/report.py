@@ -246,10 +246,28 @@ def data_summary(run: RunRecord) -> str:
     corpora = ", ".join(describe_path(p) for p in data_paths(run.config["data"]))
     block = run.config["data"].get("block_size")
     lines = [f"Corpus: {corpora}, packed into blocks of {block} tokens.", ""]
-    for split, counts in (run.metrics.get("data") or {}).items():
-        sizes = ", ".join(f"{counts[k]:,} {k}" for k in ("documents", "tokens", "blocks") if k in counts)
-        lines.append(f"- {split}: {sizes}")
+    data = run.metrics.get("data") or {}
+    for split in ("train", "validation"):
+        if split in data:
+            lines.append(f"- {split}: {split_summary(data[split], block)}")
+    seen = data.get("tokens_seen") or {}
+    if seen:
+        total = sum(seen.values()) or 1
+        shares = ", ".join(f"{name} {tokens:,} ({tokens / total:.1%})" for name, tokens in seen.items())
+        lines.append(f"- tokens trained on, per source: {shares}")
     return "\n".join(lines) + "\n\n" + evaluation_summary(run.metrics)
+
+
+def split_summary(counts: dict[str, Any], block: int | None) -> str:
+    """One split's size. Mixed sources: the blocks trained on (whole blocks are mixed, so tokens = blocks x
+    block size) and what each source held."""
+    if counts.get("streaming"):
+        return "streamed from " + ", ".join(counts.get("sources", []))
+    if "sources" in counts and block:
+        per_source = "; ".join(f"{name}: {c['documents']:,} documents, {c['tokens']:,} tokens"
+                               for name, c in counts["sources"].items())
+        return (f"{counts['blocks']:,} blocks ({counts['blocks'] * block:,} tokens) mixed from {per_source}")
+    return ", ".join(f"{counts[k]:,} {k}" for k in ("documents", "tokens", "blocks") if k in counts)
 
 
 def evaluation_summary(metrics: dict[str, Any]) -> str:
