@@ -35,24 +35,13 @@ import time
 from itertools import islice
 from pathlib import Path
 
+from corpus import base_texts  # bench/corpus.py (the script's own folder is on sys.path)
 from transformers import AutoTokenizer
 
 import igea
-from igea.config import TinyModelConfig, sample_corpus_path
+from igea.config import TinyModelConfig
 from igea.rundir import CHECKPOINT_MARKER
 from igea.streaming import STATE_FILE
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ncbi-disease-it"
-
-
-def base_texts() -> list[str]:
-    """The shipped sample corpus, plus the shared real translations when they are beside the project."""
-    texts = Path(sample_corpus_path()).read_text(encoding="utf-8").splitlines()
-    for split in ("train", "dev", "test"):
-        path = SHARED / f"{split}.jsonl"
-        if path.is_file():
-            texts += [json.loads(line)["text"].replace("\n", " ") for line in path.read_text("utf-8").splitlines()]
-    return [t for t in texts if t.strip()]
 
 
 def write_corpus(path: Path, texts: list[str], model: Path, tokens: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -82,3 +83,22 @@ def write_config(tmp_path: Path, name: str, model_dir: Path, corpus: Path, data:
     raw = config_dict(tmp_path / name, model_dir, corpus, training=training, data=data or {})
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
+
+
+class Interrupted(Exception):
+    """Stands for a crash right after a checkpoint was written."""
+
+
+def train_until_first_checkpoint(cfg: igea.IgeaConfig, monkeypatch) -> None:
+    """Run `igea.train(cfg)` until its first checkpoint is complete, then stop it as a crash would."""
+    trainer_class = importlib.import_module("igea.train").IgeaTrainer
+    original = trainer_class._save_checkpoint
+
+    def save_then_die(self, model, trial):
+        original(self, model, trial)
+        raise Interrupted
+
+    monkeypatch.setattr(trainer_class, "_save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        igea.train(cfg)
+    monkeypatch.setattr(trainer_class, "_save_checkpoint", original)

@@ -133,3 +133,44 @@ def test_yaml_quirks_validation_count_and_bare_no(tmp_path):
                                           "training.eval_strategy=no"])
     assert cfg.data.validation_split == 8 and isinstance(cfg.data.validation_split, int)
     assert cfg.training["save_strategy"] == "no" and cfg.training["eval_strategy"] == "no"
+
+
+def test_a_config_can_be_a_dict_with_overrides_as_one_string(tmp_path):
+    raw = {"model": {"tiny": {}}, "data": {"path": "igea:sample"}}
+    cfg = load_config(raw, "training.max_steps=5")
+    assert cfg.training["max_steps"] == 5 and cfg.output_dir == Path("runs/igea")
+    assert raw == {"model": {"tiny": {}}, "data": {"path": "igea:sample"}}  # the caller's dict is not changed
+    assert load_config(raw, ["training.max_steps=7", "data.block_size=64"]).data.block_size == 64
+    with pytest.raises(ConfigError, match="unknown key 'data.blok_size'; did you mean 'block_size'"):
+        load_config({**raw, "data": {"path": "igea:sample", "blok_size": 64}})
+
+
+def test_sections_built_in_python_are_validated_too():
+    from igea.config import DataConfig, GenerationConfig, IgeaConfig, TinyModelConfig
+
+    with pytest.raises(ConfigError, match=r"data.block_size: -5 is not allowed; it must be at least 2"):
+        DataConfig(block_size=-5)
+    with pytest.raises(ConfigError, match=r"data.block_size: expected an integer, got 'x'"):
+        DataConfig(block_size="x")
+    with pytest.raises(ConfigError, match=r"generation.temperature: nan is not allowed"):
+        GenerationConfig(temperature=float("nan"))
+    with pytest.raises(ConfigError, match=r"model.tiny: hidden_size \(65\) must be a multiple"):
+        TinyModelConfig(hidden_size=65)
+    cfg = IgeaConfig(model={"tiny": {"hidden_size": 32}}, data={"path": "igea:sample"}, training={"output_dir": "x"})
+    assert isinstance(cfg.model.tiny, TinyModelConfig) and cfg.model.tiny.hidden_size == 32
+    assert cfg.training["lr_scheduler_type"] == "cosine"  # the training section gets its defaults
+    with pytest.raises(ConfigError, match="data: set 'data.path'"):
+        IgeaConfig(model={"tiny": {}}, data={}, training={"output_dir": "x"})
+    with pytest.raises(ConfigError, match="training.learnig_rate"):
+        IgeaConfig(model={"tiny": {}}, data={"path": "igea:sample"}, training={"output_dir": "x", "learnig_rate": 1})
+
+
+def test_presets_ship_inside_the_package_and_load():
+
+
+    for name in ("demo", "igea-350m", "igea-1b", "igea-3b"):
+        path = igea.preset(name)
+        assert Path(igea.__file__).parent in path.parents
+        load_config(path)
+    with pytest.raises(ConfigError, match="preset: 'demo2' is not a config shipped with igea"):
+        igea.preset("demo2")

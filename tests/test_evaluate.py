@@ -167,3 +167,13 @@ def test_cli_errors_exit_2_with_one_line(tiny_model_dir, capsys, args, message):
     assert main(["eval", str(tiny_model_dir), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
+
+
+def test_cli_output_mentions_predictions_only_when_there_are_questions(tiny_model_dir, corpus_file, tmp_path,
+                                                                        capsys):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(corpus_file.read_text(encoding="utf-8").splitlines()[:20]) + "\n", encoding="utf-8")
+    assert main(["eval", str(tiny_model_dir), "--corpus", str(held_out), "--output", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "results written to" in out and "per-question" not in out
+    assert "held_out" in json.loads((tmp_path / "r.json").read_text())["models"][str(tiny_model_dir)]

@@ -19,17 +19,13 @@ from igea.modeling import load_pretrained
 from igea.report import write_report
 from igea.rundir import RUN_MARKER
 
-from conftest import config_dict, make_config, write_config
+from conftest import config_dict, make_config, train_until_first_checkpoint, write_config
 
 train_module = importlib.import_module("igea.train")
 
 LORA = {"r": 8, "modules_to_save": ["lm_head"]}  # alpha: 2 r by default
 STEPS = {"learning_rate": 5e-3, "seed": 3}
 DATA = {"validation_split": 8}  # documents: a small held-out set keeps the evaluations short
-
-
-class Interrupted(Exception):
-    """Stands for a crash right after a checkpoint was written."""
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +93,7 @@ def test_card_and_run_record_say_what_was_trained(lora_run, tiny_model_dir):
 @pytest.mark.slow
 def test_resume_after_a_checkpoint_is_bit_identical(lora_run, tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, peft=LORA, training=STEPS, data=DATA)
-    original = train_module.IgeaTrainer._save_checkpoint
-
-    def save_then_die(self, model, trial):
-        original(self, model, trial)
-        raise Interrupted
-
-    monkeypatch.setattr(train_module.IgeaTrainer, "_save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
-        train_module.train(cfg)
-    monkeypatch.setattr(train_module.IgeaTrainer, "_save_checkpoint", original)
+    train_until_first_checkpoint(cfg, monkeypatch)
     checkpoint = tmp_path / "run" / "checkpoint-10"
     assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
 

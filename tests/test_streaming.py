@@ -17,27 +17,10 @@ from igea.data import BlockCollator, prepare_dataset
 from igea.errors import IgeaError
 from igea.streaming import STATE_FILE, BlockStream
 
-from conftest import make_config
+from conftest import make_config, train_until_first_checkpoint
 
 train_module = importlib.import_module("igea.train")
 streaming_module = importlib.import_module("igea.streaming")
-
-
-class Interrupted(Exception):
-    """Stands for a crash right after a checkpoint was written."""
-
-
-def train_until_first_checkpoint(cfg, monkeypatch) -> None:
-    original = train_module.IgeaTrainer._save_checkpoint
-
-    def save_then_die(self, model, trial):
-        original(self, model, trial)
-        raise Interrupted
-
-    monkeypatch.setattr(train_module.IgeaTrainer, "_save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
-        train_module.train(cfg)
-    monkeypatch.setattr(train_module.IgeaTrainer, "_save_checkpoint", original)
 
 
 def streaming_config(tmp_path, model_dir, corpus, **training):
