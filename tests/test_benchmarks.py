@@ -112,3 +112,11 @@ def test_prepare_benchmark_tokenizes_once_into_exact_uint16_blocks():
     # one process or two: the same blocks (the manifest beside them records timings, a few bytes either way)
     assert abs(by[(1, 1)]["disk_bytes"] - by[(1, 2)]["disk_bytes"]) < 64
     assert summary["card_projection"]["hours"] > 0 and summary["card_projection"]["blocks_gb"] > 0
+
+
+@needs_shared_data
+def test_prepare_ranks_benchmark_shows_two_ranks_tokenize_once():
+    one, two, summary = run_bench("bench_prepare_ranks.py", "--quick")
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["tokens"] == two["tokens"] and summary["tokenized_once"]
+    assert summary["cpu_ratio"] == pytest.approx(two["cpu_s"] / one["cpu_s"], rel=1e-2)

@@ -75,8 +75,9 @@ def test_readme_block_runs(index, workdir):
         return
     if mark.startswith("skip: "):
         if "make demo" in body:  # the set-up block: run what `make demo` runs, the rest is CI's own command
-            recipe = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True,
-                                    check=True).stdout.strip().splitlines()[-1]
+            dry_run = subprocess.run(["make", "-n", "--no-print-directory", "demo"], cwd=ROOT, capture_output=True,
+                                     text=True, check=True).stdout
+            recipe = [line for line in dry_run.splitlines() if "igea train" in line][-1]
             assert recipe.startswith(".venv/bin/igea train configs/demo.yaml"), recipe
             done = run_block("bash", recipe.removeprefix(".venv/bin/"), workdir)
             assert done.returncode == 0, done.stderr[-3000:]

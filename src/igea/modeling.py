@@ -97,6 +97,11 @@ def from_pretrained_or_explain(loader, source: str, model_cfg: ModelConfig, **kw
             source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
         )
     except ValueError as err:
+        if kwargs.get("local_files_only") and "trust_remote_code" not in str(err):
+            raise IgeaError(
+                f"cannot load model '{source}': it is not a local directory, not in the local cache, and the "
+                "Hugging Face hub is unreachable"
+            ) from err
         if "trust_remote_code" in str(err):
             raise IgeaError(
                 f"model '{source}' needs custom code from its repository; set model.trust_remote_code: true "
