@@ -33,20 +33,21 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(name: str, launcher: list[str], tmp: Path, model: Path, corpus: Path) -> dict:
+def run(name: str, launcher: list[str], tmp: Path, model: Path, corpus: Path, *overrides: str) -> dict:
     config = tmp / f"{name}.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"name_or_path": str(model)},
         "data": {"path": str(corpus), "block_size": 512, "validation_split": 50,
                  "cache_dir": str(tmp / f"cache-{name}")},
         "training": {"output_dir": str(tmp / name), "max_steps": 1, "per_device_train_batch_size": 2,
-                     "total_train_batch_size": 4, "use_cpu": True, "ddp_backend": "gloo", "eval_strategy": "no",
+                     "total_train_batch_size": 4, "use_cpu": True, "eval_strategy": "no",
                      "save_strategy": "no", "disable_tqdm": True},
         "eval": {"before_training": False}, "generation": {"prompts": []},
     }), encoding="utf-8")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     cpu, start = children_cpu(), time.perf_counter()
-    done = subprocess.run([*launcher, "-m", "igea", "train", str(config)], capture_output=True, text=True, env=env)
+    done = subprocess.run([*launcher, "-m", "igea", "train", str(config), *overrides], capture_output=True, text=True,
+                          env=env)
     seconds, cpu = time.perf_counter() - start, children_cpu() - cpu
     if done.returncode:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -71,7 +72,8 @@ def main() -> None:
         corpus = tmp / "corpus.txt"
         corpus.write_text("\n".join(texts * repeat) + "\n", encoding="utf-8")
         one = run("one", [sys.executable], tmp, model, corpus)
-        two = run("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], tmp, model, corpus)
+        two = run("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], tmp, model, corpus,
+                  "training.ddp_backend=gloo")
     for result in (one, two):
         print(json.dumps(result))
     print(json.dumps({"repeat": repeat, "cpu_ratio": round(two["cpu_s"] / one["cpu_s"], 3),
