@@ -91,6 +91,47 @@ def test_a_refusal_on_two_ranks_is_one_line_without_tracebacks(tiny_model_dir, c
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["thesis.tex"]
 
 
+SIGNAL_ONE_RANK = """
+import importlib, os, signal, sys
+T = importlib.import_module("igea.train")
+original = T.IgeaTrainer.training_step
+
+def patched(self, model, inputs, num_items_in_batch=None):
+    if self.state.global_step == 4 and os.environ.get("RANK") == "1" and not getattr(self, "_signalled", False):
+        self._signalled = True
+        os.kill(os.getpid(), signal.SIGUSR1)  # as a scheduler that reached one node first
+    return original(self, model, inputs, num_items_in_batch)
+
+T.IgeaTrainer.training_step = patched
+from igea.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resume_matches(tiny_model_dir,
+                                                                                        corpus_file, tmp_path):
+    script = tmp_path / "signal_one_rank.py"
+    script.write_text(SIGNAL_ONE_RANK)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "cpu-2proc.yaml")]
+    whole = two_process_config(tmp_path, "whole", tiny_model_dir, corpus_file)
+    stopped = two_process_config(tmp_path, "stopped", tiny_model_dir, corpus_file)
+    done = subprocess.run([*launch, "-m", "igea", "train", str(whole)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    cut = subprocess.run([*launch, str(script), "train", str(stopped)], capture_output=True, text=True, timeout=600)
+    assert cut.returncode != 0
+    assert "igea: error: stopped by SIGUSR1 at step 5 of 12" in cut.stderr  # rank 0 learnt it from rank 1
+    assert (tmp_path / "stopped" / "checkpoint-5" / "igea_checkpoint.json").is_file()
+    assert not (tmp_path / "stopped" / "igea_run.json").exists()
+
+    resumed = subprocess.run([*launch, "-m", "igea", "train", str(stopped), "--resume"], capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = {name: json.loads((tmp_path / name / "igea_run.json").read_text())["metrics"]["after"]
+             for name in ("whole", "stopped")}
+    assert after["stopped"]["eval_loss"] == pytest.approx(after["whole"]["eval_loss"], abs=1e-6)
+
+
 def test_a_launch_that_silently_started_one_process_is_refused(tiny_model_dir, corpus_file, tmp_path, capsys,
                                                                monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # what `accelerate launch --cpu --num_processes 2` leaves

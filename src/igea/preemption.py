@@ -2,7 +2,8 @@
 checkpoint at the end of the current optimizer step and stops the run, which then exits non-zero saying how
 to resume. A run stopped early is never marked finished.
 
-Every process of a multi-process run stops at the same step: the flag is summed over processes at each step.
+Every process of a multi-process run stops at the same step: the signals are gathered from all processes at
+each step.
 """
 
 from __future__ import annotations
@@ -72,13 +73,11 @@ class CheckpointOnStop(TrainerCallback):
         self.accelerator = accelerator
 
     def on_step_end(self, args, state, control, **kwargs):
-        stop = self.request.signum is not None
-        if self.accelerator.num_processes > 1:  # every process stops at the same step
-            flag = torch.tensor([int(stop)], device=self.accelerator.device)
-            stop = bool(self.accelerator.reduce(flag, reduction="sum").item())
-        if stop:
-            if self.request.signum is None:  # another process was signalled
-                self.request.signum = signal.SIGTERM
+        signum = self.request.signum or 0
+        if self.accelerator.num_processes > 1:  # every process stops at the same step, naming the same signal
+            signum = int(self.accelerator.gather(torch.tensor([signum], device=self.accelerator.device)).max())
+        if signum:
+            self.request.signum = signum
             control.should_save = True
             control.should_training_stop = True
         return control
