@@ -13,7 +13,7 @@ LAYERS = [
     {"errors", "hub", "metrics"},
     {"config"},
     {"rundir", "blockstore", "preemption"},
-    {"streaming"},
+    {"streaming", "runstart"},
     {"data"},
     {"modeling"},
     {"vocab", "tasks", "tracking"},

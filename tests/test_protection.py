@@ -14,7 +14,8 @@ import pytest
 
 from igea.cli import main
 from igea.errors import IgeaError
-from igea.rundir import LOCK_FILE, RUN_MARKER, START_MARKER, RunLock, dir_contents
+from igea.rundir import LOCK_FILE, RUN_MARKER, START_MARKER, dir_contents
+from igea.runstart import RunLock
 
 from conftest import write_config
 
@@ -52,7 +53,7 @@ def test_a_stale_lock_is_taken_over_and_a_lock_from_another_host_is_explained(ti
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
     (out / LOCK_FILE).write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "started": "earlier"}))
-    with caplog.at_level(logging.WARNING, logger="igea.rundir"):
+    with caplog.at_level(logging.WARNING, logger="igea.runstart"):
         assert main(["train", str(config)]) == 0
     assert f"taking over the lock of process {dead_pid}, which no longer runs" in caplog.text
 

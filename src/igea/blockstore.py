@@ -35,6 +35,7 @@ from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
 from igea.errors import IgeaError
+from igea.rundir import process_alive
 
 logger = logging.getLogger(__name__)
 
@@ -414,16 +415,6 @@ def _remove_stale_builds(root: Path, key: str) -> None:
     host = socket.gethostname()
     for tmp in root.glob(f"{key}.tmp-{host}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             logger.info("removing %s, left by an interrupted preparation", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

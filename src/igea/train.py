@@ -35,16 +35,13 @@ from igea.rundir import (
     BEFORE_METRICS,
     CHECKPOINT_MARKER,
     RUN_MARKER,
-    RunLock,
-    RunStart,
     check_output_dir,
     mark_checkpoint_complete,
-    plan_run,
     read_json,
     rotate_checkpoints,
-    start_record,
     write_json_atomic,
 )
+from igea.runstart import RunLock, RunStart, plan_run, start_record
 from igea.streaming import BlockStream
 from igea.tracking import attach_tracking, check_report_to
 
