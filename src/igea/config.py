@@ -29,6 +29,19 @@ from igea.errors import ConfigError, show
 
 SAMPLE_CORPUS = "igea:sample"
 """`data.path` value that names the Italian biomedical sample corpus shipped inside the package."""
+GENERAL_TEXT = "igea:general"
+"""A corpus value that names the general (not medical) Italian held-out text shipped inside the package: everyday
+sentences, to see what continued pretraining on a domain costs the model elsewhere."""
+SHIPPED_CORPORA = {SAMPLE_CORPUS: "sample_corpus.txt", GENERAL_TEXT: "general_italian.txt"}
+
+MIX_MODES = {
+    "primary": "an epoch is one pass over the first source; the others are drawn by weight and start over when "
+               "they run out",
+    "all_exhausted": "an epoch ends once every source has been seen whole; the others start over meanwhile",
+    "first_exhausted": "an epoch ends when the first source to run out does: no source repeats, the others are "
+                       "seen in part",
+}
+"""`data.mix`: what an epoch of weighted `data.sources` is (`data.token_budget` sizes the mixture instead)."""
 
 ALL_LINEAR = "all-linear"
 """`peft.target_modules` value that puts an adapter on every linear layer but the LM head (peft's shorthand)."""
@@ -165,8 +178,9 @@ class SourceConfig(Section):
     path: str | list[str]
     weight: float = 1.0
     text_column: str | None = None
-    name: str | None = None
+    name: str | None = None  # a hub dataset's configuration (as `load_dataset(path, name)`)
     split: str = "train"
+    label: str | None = None  # the source's name in metrics, logs and the card (default: its name or file)
 
 
 @dataclass
@@ -181,7 +195,8 @@ class DataConfig(Section):
     split: str = "train"
     revision: str | None = None
     text_column: str = "text"
-    validation_path: str | list[str] | None = None
+    label: str | None = None  # the corpus' name in metrics, logs and the card (default: its file or dataset name)
+    validation_path: str | list[str] | dict[str, str | list[str]] | None = None
     validation_split: float | int = 0.05
     max_documents: int | None = None
     min_chars: int = 1
@@ -189,6 +204,7 @@ class DataConfig(Section):
     block_size: int = 2048
     document_boundary: str = "eos"
     packing: str = "blocks"
+    mix: str = "primary"  # with several sources: what an epoch of the mixture is (see MIX_MODES)
     streaming: bool = False
     token_budget: int | None = None
     shuffle_buffer: int = 10000
@@ -200,13 +216,16 @@ class DataConfig(Section):
         _choice(self, "encoding_errors", ("strict", "replace", "ignore"))
         _choice(self, "document_boundary", ("eos", "special_tokens"))
         _choice(self, "packing", ("blocks", "documents"))
+        _choice(self, "mix", tuple(MIX_MODES))
         if self.path is not None and self.sources:
             raise ConfigError("data: set either 'data.path' or 'data.sources', not both")
-        for key, paths in [("data.path", self.path), ("data.validation_path", self.validation_path)] + [
+        for key, paths in [("data.path", self.path), *validation_paths(self).items()] + [
             (f"data.sources[{i}].path", s.path) for i, s in enumerate(self.sources)
         ]:
             if paths is not None:
-                resolve_local_files(paths, key)
+                check_corpus_files(paths, key)
+        source_names(self)  # each a distinct identifier
+        held_out_set_names(self)
         for i, source in enumerate(self.sources):
             if source.weight <= 0:
                 raise ConfigError(f"data.sources[{i}].weight: {show(source.weight)} is not allowed; it must be "
@@ -247,21 +266,25 @@ class GenerationConfig(Section):
 
 @dataclass
 class EvalConfig(Section):
-    """Evaluation: held-out metrics before training, and multiple-choice benchmarks after it."""
+    """Evaluation: held-out metrics before, during and after training, and multiple-choice benchmarks after it
+    (or at every evaluation, with `during_training`)."""
 
     KEY: ClassVar[str] = "eval"
 
-    before_training: bool = True
-    tasks: list[str] = field(default_factory=list)
-    num_fewshot: int | None = None
-    limit: int | None = None
-    batch_size: int = 8
+    before_training: bool = True  # also evaluate the base model, before the first step
+    tasks: list[str] = field(default_factory=list)  # benchmarks: built-in names or task/question files
+    num_fewshot: int | None = None  # examples before each question (None: each task's own count)
+    limit: int | None = None  # score only the first N questions of each task
+    batch_size: int = 8  # questions scored together
+    during_training: bool = False  # also score `tasks` at every evaluation (eval_<task>_acc, eval_<task>_acc_norm)
 
     def check(self) -> None:
         _at_least(self, "limit", 0)
         _at_least(self, "num_fewshot", 0)
         _at_least(self, "batch_size", 1)
         check_task_names(self.tasks)
+        if self.during_training and not self.tasks:
+            raise ConfigError("eval.during_training: true needs benchmarks to score; name them in eval.tasks")
 
 
 @dataclass
@@ -424,6 +447,30 @@ def load_config(source: str | os.PathLike | dict[str, Any], overrides: list[str]
     return config_from_dict(raw)
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, except that a key written twice in one mapping is an error: PyYAML would keep
+    the last one silently (two held-out sets with one name, a setting given twice). Keys that `<<:` merges in may
+    be overridden as usual."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} appears twice in one mapping (lines {seen[key]} and "
+                            f"{key_node.start_mark.line + 1})", problem_mark=key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python values, by `ConfigLoader` (safe, no key twice)."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """A config file's mapping of sections (`yaml.safe_load`), every problem one ConfigError."""
     if path.is_dir():
@@ -431,7 +478,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config: file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
@@ -481,10 +528,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        node[parts[-1]] = parse_yaml(value) if value.strip() else None
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}); quote text") from None
+        hint = "" if isinstance(err, yaml.constructor.ConstructorError) else "; quote text"
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}){hint}") from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> IgeaConfig:
@@ -555,8 +603,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {show(value)}")
-        return dict(value)
+            raise ConfigError(f"{key}: expected {_type_name(hint)}, got {show(value)}")
+        if len(args) != 2 or args[1] is Any:
+            return dict(value)
+        for name in value:
+            if not isinstance(name, str):
+                raise ConfigError(f"{key}: {show(name)} is not allowed as a key; keys are names (text)")
+        return {name: _coerce(v, args[1], f"{key}.{name}") for name, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else build_section(hint, value, f"{key}.")
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
@@ -604,19 +657,23 @@ def _coerce_scalar(value: Any, hint: type, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(hint)}, got {show(value)}")
 
 
-def _type_name(hint: Any) -> str:
-    args = typing.get_args(hint)
+def _type_name(hint: Any, plural: bool = False) -> str:
+    """How an error names a type hint: `a string or a list of strings or null`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list or hint is list:
+        return ("lists" if plural else "a list") + (f" of {_type_name(args[0], plural=True)}" if args else "")
+    if origin is dict or hint is dict:
+        values = f" (name: {_type_name(args[1])})" if len(args) == 2 and args[1] is not Any else ""
+        return ("mappings" if plural else "a mapping") + values
     if args:
-        return " or ".join(_type_name(a) for a in args if a is not type(None)) + (
+        return " or ".join(_type_name(a, plural) for a in args if a is not type(None)) + (
             " or null" if type(None) in args else ""
         )
-    if hint is list:
-        return "a list"
-    if hint is dict:
-        return "a mapping"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        hint, getattr(hint, "__name__", str(hint))
-    )
+    names = {bool: ("true/false", "true/false values"), int: ("an integer", "integers"),
+             float: ("a number", "numbers"), str: ("a string", "strings")}
+    if hint in names:
+        return names[hint][plural]
+    return getattr(hint, "__name__", str(hint))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -673,6 +730,13 @@ def _check_training_ranges(t: dict[str, Any]) -> None:
         raise ConfigError(
             f"training.max_steps: {show(t['max_steps'])} is not allowed; use -1 (epochs) or a positive count"
         )
+    schedule = getattr(t.get("lr_scheduler_type"), "value", t.get("lr_scheduler_type"))
+    if schedule == "warmup_stable_decay":
+        kwargs = t.get("lr_scheduler_kwargs") or {}
+        decay = kwargs.get("num_decay_steps") if isinstance(kwargs, dict) else None
+        if not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and decay >= 0):
+            raise ConfigError("training.lr_scheduler_kwargs: warmup_stable_decay needs num_decay_steps, a number of "
+                              "steps or a share of the run below 1 (e.g. {num_decay_steps: 0.2}: the last 20%)")
     total = t.get("total_train_batch_size")
     if total is not None and total <= 0:
         raise ConfigError(f"training.total_train_batch_size: {show(total)} is not allowed; it must be greater than 0")
@@ -691,6 +755,7 @@ def _check_across_sections(cfg: IgeaConfig) -> None:
         raise ConfigError("data: set 'data.path' (hub id, file, glob or directory) or 'data.sources'")
     if cfg.data.streaming:
         _check_streaming(cfg.data, cfg.training)
+    _check_best_metric(cfg)
     ext = cfg.model.extend_vocabulary
     if ext is not None and ext.corpus is None:  # it learns on the run's own training split
         key = "model.extend_vocabulary"
@@ -698,6 +763,48 @@ def _check_across_sections(cfg: IgeaConfig) -> None:
             raise ConfigError(f"{key}.corpus: must be set when the corpus is a mixture (data.sources)")
         if cfg.data.streaming and ext.max_documents is None:
             raise ConfigError(f"{key}.max_documents: must be set with data.streaming (a stream is read only in part)")
+
+
+HELD_OUT_METRICS = ("loss", "accuracy", "perplexity")
+"""What each evaluation reports per held-out set (`eval_<set>_loss`, ...) and over all of them (`eval_loss`, ...)."""
+TASK_METRICS = ("acc", "acc_norm")
+"""What a benchmark scored during training reports (`eval_<task>_acc`, `eval_<task>_acc_norm`)."""
+
+
+def held_out_metric_names(d: DataConfig) -> list[str]:
+    """The held-out metrics an evaluation logs: the totals (`eval_loss`, ...) and, with two or more held-out
+    sets, each set's (`eval_general_loss`, ...)."""
+    sets = held_out_set_names(d)
+    names = [f"eval_{m}" for m in HELD_OUT_METRICS] if sets else []
+    if len(sets) > 1:
+        names += [f"eval_{s}_{m}" for s in sets for m in HELD_OUT_METRICS]
+    return names
+
+
+def task_metric_key(task: str, metric: str) -> str:
+    """The metric name of a benchmark scored during training: `eval_<task>_<metric>` (task made an identifier)."""
+    name = re.sub(r"\W+", "_", task, flags=re.ASCII).strip("_")
+    return f"eval_{name}_{metric}"
+
+
+def _check_best_metric(cfg: IgeaConfig) -> None:
+    """`training.metric_for_best_model` names a metric the run's evaluations will log (a benchmark's is checked
+    once the tasks are loaded, before training)."""
+    metric = cfg.training.get("metric_for_best_model")
+    if metric is None:
+        return
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    allowed = held_out_metric_names(cfg.data)
+    if not allowed:
+        raise ConfigError(f"training.metric_for_best_model: {show(metric)} needs a held-out set to evaluate; set "
+                          "data.validation_split or data.validation_path")
+    is_task_metric = cfg.eval.during_training and re.fullmatch(r"eval_\w+_(acc|acc_norm)", key)
+    if key not in allowed and not is_task_metric:
+        close = difflib.get_close_matches(key, allowed, n=2, cutoff=0.7)
+        hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+        tasks = "; a benchmark's eval_<task>_acc or _acc_norm with eval.during_training" if cfg.eval.tasks else ""
+        raise ConfigError(f"training.metric_for_best_model: {show(metric)} names no held-out set or metric the run "
+                          f"logs; {hint}choose one of {', '.join(allowed)}{tasks}")
 
 
 def _choice(section: Section, name: str, allowed: tuple[str, ...]) -> None:
@@ -731,7 +838,7 @@ def check_task_names(names: list[str], key: str = "eval.tasks") -> None:
 
 def _check_streaming(d: DataConfig, training: dict[str, Any]) -> None:
     """A streamed corpus has no length: the run is sized by steps or tokens, the validation set by a count."""
-    if isinstance(d.validation_split, float) and d.validation_split > 0 and d.validation_path is None:
+    if isinstance(d.validation_split, float) and d.validation_split > 0 and split_sources(d):
         raise ConfigError(
             f"data.validation_split: {show(d.validation_split)} is a fraction, which a streamed corpus cannot take; "
             "give a count of documents (e.g. 500), 0, or data.validation_path"
@@ -812,8 +919,10 @@ def resolve_local_files(paths: str | list[str], key: str) -> list[str] | None:
     Raises a ConfigError naming `key` when a local path matches no file.
     """
     items = [paths] if isinstance(paths, str) else list(paths)
-    if items == [SAMPLE_CORPUS]:
-        return [sample_corpus_path()]
+    if not items:
+        raise ConfigError(f"{key}: [] names no file; give a file, a list of files, a glob or a directory")
+    if len(items) == 1 and items[0] in SHIPPED_CORPORA:
+        return [shipped_corpus_path(items[0])]
     if len(items) == 1 and not looks_local(items[0]):
         return None
     files: list[str] = []
@@ -858,4 +967,104 @@ def preset(name: str) -> Path:
 
 def sample_corpus_path() -> str:
     """Path of the sample corpus shipped with the package."""
-    return str(Path(__file__).parent / "resources" / "sample_corpus.txt")
+    return shipped_corpus_path(SAMPLE_CORPUS)
+
+
+def shipped_corpus_path(name: str) -> str:
+    """Path of a text shipped with the package: `igea:sample` or `igea:general`."""
+    return str(Path(__file__).parent / "resources" / SHIPPED_CORPORA[name])
+
+
+def check_corpus_files(paths: str | list[str], key: str) -> None:
+    """A corpus setting names files that exist and are not all empty (a hub id is checked when it is loaded)."""
+    files = resolve_local_files(paths, key)
+    if files and all(os.path.getsize(f) == 0 for f in files):
+        where = f"'{files[0]}' is empty" if len(files) == 1 else f"all {len(files)} files are empty"
+        raise ConfigError(f"{key}: {where}; a corpus needs text")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources and held-out sets, and their names
+
+
+def data_sources(d: DataConfig) -> list[SourceConfig]:
+    """The corpora to read: `data.sources`, or the single `data.path` as one source of weight 1."""
+    if d.sources:
+        return [dataclasses.replace(s, text_column=s.text_column or d.text_column) for s in d.sources]
+    return [SourceConfig(path=d.path, weight=1.0, text_column=d.text_column, name=d.name, split=d.split,
+                         label=d.label)]
+
+
+def source_name(source: SourceConfig) -> str:
+    """A source's name in metrics, logs and the card: its `label`, else its `name`, else its file's or dataset's
+    name made an identifier (`abstracts.txt` -> `abstracts`, `IVN-RIN/BioBERT_Italian` -> `BioBERT_Italian`)."""
+    if source.label is not None:
+        return source.label
+    path = source.path if isinstance(source.path, str) else source.path[0]
+    if source.name is not None:
+        stem = source.name
+    elif path in SHIPPED_CORPORA:
+        stem = path.split(":", 1)[1]
+    else:
+        parts = [p for p in re.split(r"[/\\]", path) if p and not any(ch in p for ch in "*?[")]
+        stem = parts[-1] if parts else "corpus"
+        if looks_local(path) and "." in stem:
+            stem = stem.split(".", 1)[0] or stem
+    name = re.sub(r"\W+", "_", stem, flags=re.ASCII).strip("_") or "corpus"
+    return f"set_{name}" if name[0].isdigit() else name
+
+
+def source_names(d: DataConfig) -> list[str]:
+    """Each source's name (see `source_name`), in order: distinct identifiers, else one ConfigError."""
+    where: dict[str, str] = {}
+    for i, source in enumerate(data_sources(d) if d.path is not None or d.sources else []):
+        key = (f"data.sources[{i}]" if d.sources else "data") + ".label"
+        _add_name(where, source_name(source), key, "source")
+    return list(where)
+
+
+def validation_paths(d: DataConfig) -> dict[str, str | list[str]]:
+    """`data.validation_path` by config key: one entry, or one per named held-out set."""
+    if isinstance(d.validation_path, dict):
+        return {f"data.validation_path.{name}": paths for name, paths in d.validation_path.items()}
+    return {} if d.validation_path is None else {"data.validation_path": d.validation_path}
+
+
+def split_sources(d: DataConfig) -> list[SourceConfig]:
+    """The sources whose held-out documents (`data.validation_split`) are a held-out set: every source, unless
+    the split is 0 or a plain `data.validation_path` replaces it (a mapping of named sets adds to it)."""
+    if not d.validation_split or isinstance(d.validation_path, (str, list)) or (d.path is None and not d.sources):
+        return []
+    return data_sources(d)
+
+
+def held_out_set_names(d: DataConfig) -> list[str]:
+    """The names of the held-out sets, in order: each source's split, then each named `data.validation_path`.
+
+    Each is an identifier (it becomes part of metric names: `eval_<name>_loss`) and no two are alike.
+    """
+    where: dict[str, str] = {}
+    sources = split_sources(d)
+    for i, source in enumerate(sources):
+        key = (f"data.sources[{i}]" if d.sources else "data") + ".label"
+        _add_name(where, source_name(source), key, "held-out set")
+    if isinstance(d.validation_path, dict):
+        if not d.validation_path:
+            raise ConfigError("data.validation_path: {} names no held-out set; map names to files, "
+                              "e.g. {general: general.txt}")
+        for name in d.validation_path:
+            _add_name(where, name, f"data.validation_path.{name}", "held-out set")
+    elif d.validation_path is not None:
+        where["validation"] = "data.validation_path"
+    return list(where)
+
+
+def _add_name(where: dict[str, str], name: str, key: str, what: str) -> None:
+    """Record `name` (from config `key`) in `where`, refusing one that is no identifier or is already taken."""
+    if not (isinstance(name, str) and name.isidentifier() and name.isascii()):
+        raise ConfigError(f"{key}: {show(name)} is not allowed as the name of a {what}; use letters, digits and _ "
+                          "(not first a digit), e.g. general or biomed_it")
+    if name in where:
+        raise ConfigError(f"{key}: two {what}s are named {name!r} ({where[name]} and {key}); give each a "
+                          "distinct name (data.label, data.sources[].label)")
+    where[name] = key
