@@ -81,7 +81,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         model = build_model(shape, args.block_size, torch.float32, "sdpa", device)
         if cfg.peft is not None:
             model = apply_lora(model, cfg)
-        trainer = build_trainer(cfg, training_arguments(cfg), model, None, PreparedData(blocks, None))
+        trainer = build_trainer(cfg, training_arguments(cfg), model, None, PreparedData(blocks))
         clock = StepClock()
         trainer.add_callback(clock)
         trainer.train()

@@ -146,7 +146,7 @@ def igea_trainer(args: argparse.Namespace, variant: Variant, batch_size: int, wo
                         cfg.model.attn_implementation or "sdpa", device)
     if variant.packing == "documents":
         model.config.use_cache = False  # as igea.train does
-    return build_trainer(cfg, training_arguments(cfg), model, None, PreparedData(blocks, None))
+    return build_trainer(cfg, training_arguments(cfg), model, None, PreparedData(blocks))
 
 
 def plain_trainer(args: argparse.Namespace, variant: Variant, batch_size: int, work: Path, device: str) -> Trainer:

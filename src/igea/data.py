@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,6 @@ from datasets import (
     List,
     Value,
     concatenate_datasets,
-    interleave_datasets,
     load_dataset,
 )
 from transformers import PreTrainedTokenizerBase
@@ -48,7 +47,15 @@ from igea.blockstore import (
     open_or_build,
     tokenizer_fingerprint,
 )
-from igea.config import DataConfig, IgeaConfig, SourceConfig, looks_local, resolve_local_files
+from igea.config import (
+    DataConfig,
+    IgeaConfig,
+    SourceConfig,
+    data_sources,
+    resolve_local_files,
+    source_name,
+    split_sources,
+)
 from igea.errors import IgeaError
 from igea.hub import hub_reachable
 from igea.metrics import IGNORE_INDEX
@@ -64,48 +71,80 @@ READ_BATCH = 1000  # documents read, cleaned and tokenized together
 
 @dataclass
 class PreparedData:
-    """Packed train and validation blocks, with the counts that show nothing was lost on the way.
+    """Packed train blocks and the held-out sets' blocks, with the counts that show nothing was lost on the way.
 
-    `stats["cache"]` says whether this process tokenized the corpus ("built") or opened blocks prepared
-    before ("loaded"); `stats["prepared"]` says where they are.
+    `validation_sets` maps each held-out set's name to its blocks: each source's share held out by
+    `data.validation_split`, then each set `data.validation_path` names. `stats["cache"]` says whether this
+    process tokenized the corpus ("built") or opened blocks prepared before ("loaded"); `stats["prepared"]`
+    says where they are.
     """
 
     train: Dataset | IterableDataset
-    validation: Dataset | None
+    validation_sets: dict[str, Dataset] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def validation(self) -> Dataset | None:
+        """Every held-out block in one Dataset (the sets one after the other), or None without a held-out set."""
+        sets = list(self.validation_sets.values())
+        if len(sets) <= 1:
+            return sets[0] if sets else None
+        return concatenate_datasets(sets)
 
 
 def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Load, clean, split, tokenize and pack the corpus (or the weighted corpora) the `data:` section names.
+    """Load, clean, split, tokenize and pack the corpus (or the weighted corpora) the `data:` section names,
+    and each held-out set.
 
     The blocks are prepared once on disk and memory-mapped (`prepare_corpus`). With `data.streaming` the train
-    split is an iterable read, tokenized and packed on the fly; its validation split is a small in-memory set
-    of blocks.
+    split is an iterable read, tokenized and packed on the fly; each held-out set is a small in-memory set of
+    blocks.
     """
     d = cfg.data
     seed = d.seed if d.seed is not None else cfg.training.get("seed", 42)
     if not d.streaming:
         return prepare_blocks(d, tokenizer, seed)
     sources = data_sources(d)
-    train_parts, validation_parts = [], []
+    split = d.validation_split if split_sources(d) else 0
+    train_parts, held_documents = [], {}
     for source in sources:
         with explained_errors(d, source):
-            split = split_corpus(clean_corpus(load_corpus(d, source), d), d.validation_split, seed)
-        train_parts.append(split["train"])
-        validation_parts.extend([split["validation"]] if "validation" in split else [])
-    if d.validation_path is not None:
-        validation_source = SourceConfig(path=d.validation_path, text_column=d.text_column, name=d.name, split=d.split)
-        validation_parts = [clean_corpus(load_corpus(d, validation_source, streaming=False), d)]
+            parts = split_corpus(clean_corpus(load_corpus(d, source), d), split, seed)
+        train_parts.append(parts["train"])
+        if "validation" in parts:
+            held_documents[source_name(source)] = parts["validation"]
+    for name, source in validation_sources(d).items():
+        with explained_errors(d, source):
+            held_documents[name] = clean_corpus(load_corpus(d, source, streaming=False), d)
+    sets = {name: pack_split(documents, tokenizer, d) for name, documents in held_documents.items()}
+    names = [source_name(s) for s in sources]
+    train = BlockStream(train_parts, names, [s.weight for s in sources], tokenizer, d, seed,
+                        explain=lambda index: explained_errors(d, sources[index]))
+    stats = {"train": {"streaming": True, "sources": names, **({"mix": d.mix} if len(sources) > 1 else {})},
+             **held_out_stats(sets, d)}
+    return PreparedData(train, {name: blocks for name, (blocks, _) in sets.items()}, stats)
 
-    stats: dict[str, Any] = {}
-    validation = None
-    if validation_parts:
-        documents = validation_parts[0] if len(validation_parts) == 1 else concatenate_datasets(validation_parts)
-        validation, stats["validation"] = pack_split("validation", documents, tokenizer, d)
-    train = BlockStream(train_parts, [source_label(s) for s in sources], [s.weight for s in sources], tokenizer, d,
-                        seed, explain=lambda index: explained_errors(d, sources[index]))
-    stats["train"] = {"streaming": True, "sources": [source_label(s) for s in sources]}
-    return PreparedData(train, validation, stats)
+
+def validation_sources(d: DataConfig) -> dict[str, SourceConfig]:
+    """The held-out sets read from their own files (`data.validation_path`), by name."""
+    if d.validation_path is None:
+        return {}
+    paths = d.validation_path if isinstance(d.validation_path, dict) else {"validation": d.validation_path}
+    return {name: SourceConfig(path=path, text_column=d.text_column, name=d.name, split=d.split, label=name)
+            for name, path in paths.items()}
+
+
+def held_out_stats(sets: dict[str, tuple[Dataset, dict[str, int]]], d: DataConfig) -> dict[str, Any]:
+    """`stats["validation"]`: the counts of all held-out sets together; `stats["validation_sets"]`: each set's,
+    when there are two or more. A set too short for one block is refused, by name."""
+    if not sets:
+        return {}
+    checked = {name: checked_counts(f"the held-out set '{name}'" if len(sets) > 1 else "the validation split",
+                                    counts, d) for name, (_, counts) in sets.items()}
+    if len(sets) == 1:
+        return {"validation": next(iter(checked.values()))}
+    total = {key: sum(c[key] for c in checked.values()) for key in ("documents", "tokens", "blocks", "remainder")}
+    return {"validation": total, "validation_sets": checked}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,33 +152,29 @@ def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase) -> Prep
 
 
 def prepare_blocks(d: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
-    """Train and validation blocks of a map-style corpus, each source prepared once and memory-mapped."""
+    """Train blocks and held-out sets of a map-style corpus, each source and set prepared once and memory-mapped."""
     sources = data_sources(d)
-    held_out = HeldOut(0 if d.validation_path is not None else d.validation_split, seed)
+    held_out = HeldOut(d.validation_split if split_sources(d) else 0, seed)
     corpora = [prepare_corpus(d, source, tokenizer, held_out) for source in sources]
     blocks, per_source = [], {}
+    sets: dict[str, tuple[Dataset, dict[str, int]]] = {}
     for corpus, source in zip(corpora, sources, strict=True):
-        label = source_label(source)
-        per_source[label] = checked_counts(f"train ({label})" if len(sources) > 1 else "train",
-                                           corpus.manifest["kept"], d)
+        name = source_name(source)
+        what = f"the train split of '{name}'" if len(sources) > 1 else "the train split"
+        per_source[name] = checked_counts(what, corpus.manifest["kept"], d)
         blocks.append(corpus.kept)
-    if d.validation_path is not None:
-        source = SourceConfig(path=d.validation_path, text_column=d.text_column, name=d.name, split=d.split)
+        if corpus.held_out is not None:
+            sets[name] = (corpus.held_out, corpus.manifest["held_out"])
+    for name, source in validation_sources(d).items():
         corpora.append(prepare_corpus(d, source, tokenizer, HeldOut(0, seed)))
-        held = [(corpora[-1].kept, corpora[-1].manifest["kept"])]
-    else:
-        held = [(c.held_out, c.manifest["held_out"]) for c in corpora if c.held_out is not None]
-    stats: dict[str, Any] = {}
-    validation = None
-    if held:
-        validation = held[0][0] if len(held) == 1 else concatenate_datasets([h[0] for h in held])
-        counts = {key: sum(h[1][key] for h in held) for key in ("documents", "tokens", "blocks", "remainder")}
-        stats["validation"] = checked_counts("validation", counts, d)
-    train = mix_blocks(blocks, sources, seed)
-    stats["train"] = summed_stats(per_source, len(train))
+        sets[name] = (corpora[-1].kept, corpora[-1].manifest["kept"])
+    stats: dict[str, Any] = held_out_stats(sets, d)
+    budget = -(-d.token_budget // d.block_size) if d.token_budget else None
+    train, draws = mix_blocks(blocks, sources, seed, d.mix, budget)
+    stats["train"] = summed_stats(per_source, len(train), draws, sources, "token_budget" if budget else d.mix)
     stats["cache"] = "built" if any(c.cache == "built" for c in corpora) else "loaded"
     stats["prepared"] = {"dirs": [str(c.path) for c in corpora], "token_dtype": corpora[0].manifest["token_dtype"]}
-    return PreparedData(train, validation, stats)
+    return PreparedData(train, {name: blocks for name, (blocks, _) in sets.items()}, stats)
 
 
 def prepare_corpus(d: DataConfig, source: SourceConfig, tokenizer: PreTrainedTokenizerBase,
@@ -172,7 +207,7 @@ def prepare_corpus(d: DataConfig, source: SourceConfig, tokenizer: PreTrainedTok
                             packing=d.packing, held_out=held_out, num_proc=d.num_proc or 1)
 
     prepared = open_or_build(prepared_root(d), cache_key(settings), settings, build)
-    logger.info("%s: %s blocks in %s", source_label(source), prepared.cache, prepared.path)
+    logger.info("%s: %s blocks in %s", source_name(source), prepared.cache, prepared.path)
     return prepared
 
 
@@ -191,29 +226,34 @@ def corpus_identity(d: DataConfig, source: SourceConfig) -> dict[str, Any]:
     return {"files": [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]}
 
 
-def checked_counts(name: str, counts: dict[str, int], d: DataConfig) -> dict[str, int]:
-    """A split's counts, refusing a split too short for a single block."""
+def checked_counts(what: str, counts: dict[str, int], d: DataConfig) -> dict[str, int]:
+    """A split's counts (`what`: "the train split", "the held-out set 'general'"), refusing one too short for a
+    single block."""
     logger.info("%s: %d documents, %d tokens -> %d blocks of %d (%d tokens left over at the end)",
-                name, counts["documents"], counts["tokens"], counts["blocks"], d.block_size, counts["remainder"])
+                what.removeprefix("the "), counts["documents"], counts["tokens"], counts["blocks"], d.block_size,
+                counts["remainder"])
     if counts["blocks"] == 0:
         raise IgeaError(
-            f"data: the {name} split has {counts['tokens']} tokens, fewer than one block of "
+            f"data: {what} has {counts['tokens']} tokens, fewer than one block of "
             f"data.block_size={d.block_size}; lower the block size or give it more text"
         )
     return dict(counts)
 
 
-def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ_BATCH) -> Iterator[list[str]]:
+def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ_BATCH,
+                     report: bool = True) -> Iterator[list[str]]:
     """The cleaned texts of one source, in order, `batch_size` documents at a time.
 
     The files are read as a stream: nothing is loaded whole or copied into a cache. Cleaning is
-    `clean_corpus`'s: whitespace stripped, documents shorter than `data.min_chars` dropped.
+    `clean_corpus`'s: whitespace stripped, documents shorter than `data.min_chars` dropped. With `report`, what
+    was kept and dropped is logged at the end; records without text (a JSON line without the text field, a null
+    value) are counted apart and the first one is named with its file and line.
     """
     column = source.text_column or d.text_column
     min_chars = max(d.min_chars, 1)
     files = resolve_local_files(source.path, "data.path")
     strip_pmid = files is not None and file_format(files[0]) == "text"
-    read = kept = 0
+    read = kept = missing = 0
     with explained_errors(d, source):
         dataset = _open_files(files, d, streaming=True) if files else _load_hub(source, d, streaming=True)
         _check_column(dataset, column, files[0] if files else str(source.path))
@@ -223,6 +263,7 @@ def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ
                 texts = texts[: d.max_documents - read]
             _check_texts(texts)
             read += len(texts)
+            missing += sum(t is None for t in texts)
             if strip_pmid:
                 texts = [PMID_PREFIX.sub("", t, count=1) for t in texts]
             texts = [s for s in ((t or "").strip() for t in texts) if len(s) >= min_chars]
@@ -231,10 +272,35 @@ def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ
                 yield texts
             if d.max_documents is not None and read >= d.max_documents:
                 break
-    logger.info("kept %d of %d documents (%d dropped: empty or shorter than %d characters)",
-                kept, read, read - kept, min_chars)
+    if report:
+        reasons = [f"{read - kept - missing} empty or shorter than {min_chars} characters"]
+        if missing:
+            first = _first_without_text(files, d, column)
+            reasons.insert(0, f"{missing} without a '{column}' value" + (f", the first in {first}" if first else ""))
+        log = logger.warning if missing else logger.info
+        log("%s: kept %d of %d documents (dropped: %s)", source_name(source), kept, read, "; ".join(reasons))
     if kept == 0:
         raise IgeaError(f"data: the corpus has no documents of at least {min_chars} characters ({read} read)")
+
+
+def _first_without_text(files: list[str] | None, d: DataConfig, column: str) -> str | None:
+    """Where the first record without text is: `'corpus.jsonl' line 17` (a JSON line without the field or with
+    null), or `'corpus.parquet' row 3`; None for a hub dataset."""
+    for path in files or []:
+        if file_format(path) == "json" and not path.lower().endswith(COMPRESSION):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    record = json.loads(line) if line.strip() else {column: ""}
+                    if not isinstance(record, dict) or record.get(column) is None:
+                        return f"'{path}' line {number}"
+            continue
+        row = 0
+        for batch in _open_files([path], d, streaming=True).select_columns([column]).iter(batch_size=READ_BATCH):
+            for text in batch[column]:
+                row += 1
+                if text is None:
+                    return f"'{path}' row {row}"
+    return None
 
 
 def _short(value: Any) -> str:
@@ -242,20 +308,24 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def pack_split(name: str, documents: Dataset, tokenizer: PreTrainedTokenizerBase, d: DataConfig):
-    """Tokenize and pack one split (map-style), refusing a split too short for a single block."""
+def pack_split(documents: Dataset, tokenizer: PreTrainedTokenizerBase, d: DataConfig):
+    """Tokenize and pack one split of documents in memory (map-style): its blocks and counts."""
     tokens = tokenize_corpus(documents, tokenizer, d)
     blocks, stats = pack_blocks(tokens, d.block_size, d.packing, d.cache_dir)
     stats["documents"] = len(documents)
-    return blocks, checked_counts(name, stats, d)
+    return blocks, stats
 
 
-def summed_stats(per_source: dict[str, dict[str, int]], mixed_blocks: int) -> dict[str, Any]:
-    """Counts of the train split; with several sources, also each source's share of the mixed blocks."""
+def summed_stats(per_source: dict[str, dict[str, Any]], mixed_blocks: int, draws: list[int],
+                 sources: list[SourceConfig], mix: str) -> dict[str, Any]:
+    """Counts of the train split; with several sources, also each source's weight, the blocks it supplies to an
+    epoch of the mixture (`drawn`) and how many passes over its own blocks that is."""
     total = {key: sum(s[key] for s in per_source.values()) for key in ("documents", "tokens", "blocks", "remainder")}
     if len(per_source) > 1:
-        total["blocks"] = mixed_blocks
-        total["sources"] = per_source
+        weights = sum(s.weight for s in sources)
+        for counts, drawn, source in zip(per_source.values(), draws, sources, strict=True):
+            counts.update(weight=source.weight / weights, drawn=drawn, passes=drawn / counts["blocks"])
+        total.update(blocks=mixed_blocks, mix=mix, sources=per_source)
     return total
 
 
@@ -263,40 +333,95 @@ def summed_stats(per_source: dict[str, dict[str, int]], mixed_blocks: int) -> di
 # Sources and mixing
 
 
-def data_sources(d: DataConfig) -> list[SourceConfig]:
-    """The corpora to read: `data.sources`, or the single `data.path` as one source of weight 1."""
-    if d.sources:
-        return [replace(s, text_column=s.text_column or d.text_column) for s in d.sources]
-    return [SourceConfig(path=d.path, weight=1.0, text_column=d.text_column, name=d.name, split=d.split)]
+def mix_blocks(blocks: list[Dataset], sources: list[SourceConfig], seed: int, mix: str = "primary",
+               total: int | None = None) -> tuple[Dataset, list[int]]:
+    """One epoch of the weighted mixture of per-source blocks, and how many blocks each source supplies to it.
 
-
-def source_label(source: SourceConfig) -> str:
-    """A short readable name for a source: its hub id or its first file's name."""
-    path = source.path if isinstance(source.path, str) else source.path[0]
-    label = path if not looks_local(path) else Path(path).name
-    return f"{label}:{source.name}" if source.name else label
-
-
-def mix_blocks(blocks: list, sources: list[SourceConfig], seed: int):
-    """Interleave per-source blocks so each source supplies a `weight` share of the tokens (seeded).
-
-    Mixing whole blocks (not documents) makes the token shares follow the weights whatever the document
-    lengths. The mixture ends when the first source runs out, so no source is repeated.
+    How many is `mixture_draws`'s: exact counts, not random ones. A source drawn more often than it has blocks
+    is repeated pass after pass, each pass in a fresh seeded order; one drawn less gives a seeded random subset.
+    Whole blocks are mixed (not documents), so the token shares follow the weights whatever the document
+    lengths; the mixed blocks are shuffled together (the Trainer shuffles them again every epoch), so any window
+    of the training stream holds the sources in the weights' proportions, up to sampling noise.
     """
     if len(blocks) == 1:
-        return blocks[0]
-    tagged = [b.add_column("source", np.full(len(b), i, dtype=np.int32)) if isinstance(b, Dataset)
-              else b.map(_tag_source(i), batched=True) for i, b in enumerate(blocks)]
-    total = sum(s.weight for s in sources)
-    return interleave_datasets(tagged, probabilities=[s.weight / total for s in sources], seed=seed,
-                               stopping_strategy="first_exhausted")
+        return blocks[0], [len(blocks[0])]
+    sizes = [len(b) for b in blocks]
+    draws = mixture_draws(sizes, [s.weight for s in sources], mix, total)
+    picks, offset = [], 0
+    for i, (size, count) in enumerate(zip(sizes, draws, strict=True)):
+        order = np.random.default_rng([seed, i])
+        passes = [order.permutation(size) for _ in range(-(-count // size))]
+        picks.append(np.concatenate(passes)[:count] + offset if passes else np.empty(0, dtype=np.int64))
+        offset += size
+    indices = np.random.default_rng([seed, len(sizes)]).permutation(np.concatenate(picks))
+    tagged = concatenate_datasets([b.add_column("source", np.full(len(b), i, dtype=np.int32))
+                                   for i, b in enumerate(blocks)])
+    return tagged.select(indices), draws
 
 
-def _tag_source(index: int):
-    def tag(batch: dict[str, list]) -> dict[str, list[int]]:
-        return {"source": [index] * len(batch["input_ids"])}
+def mixture_plan(train: dict[str, Any], blocks_trained: int) -> dict[str, dict[str, Any]]:
+    """What a run that trains on `blocks_trained` blocks would take from each source of a map-style mixture
+    (`stats["train"]`): its blocks, the blocks trained on, the passes that makes, and the share of its blocks
+    seen at least once (an epoch draws the same subset of a source it does not use whole)."""
+    plan = {}
+    for name, source in (train.get("sources") or {}).items():
+        used = blocks_trained * source["drawn"] / train["blocks"]
+        seen = min(used, source["drawn"], source["blocks"]) / source["blocks"]
+        plan[name] = {"blocks": source["blocks"], "used": round(used), "passes": used / source["blocks"],
+                      "seen": seen}
+    return plan
 
-    return tag
+
+def report_mixture_plan(train: dict[str, Any], blocks_trained: int) -> None:
+    """Log what the run takes from each source, and warn when a source would be mostly left out (less than 95%
+    of its blocks seen) or repeated more than 4 times: both are usually not what the weights were meant to say."""
+    plan = mixture_plan(train, blocks_trained)
+    if not plan:
+        return
+    logger.info("mixture (%s): %s", train.get("mix"), "; ".join(
+        f"{name} {p['blocks']:,} blocks, {p['used']:,} used ({p['passes']:.2f} passes)" for name, p in plan.items()))
+    for name, p in plan.items():
+        if p["seen"] < 0.95:
+            logger.warning("data.sources: '%s' would be trained on only %.0f%% of its %s blocks; raise its weight, "
+                           "train longer, or set data.mix (%s now)", name, 100 * p["seen"], f"{p['blocks']:,}",
+                           train.get("mix"))
+        elif p["passes"] > 4:
+            logger.warning("data.sources: each block of '%s' would be trained on %.1f times (%s blocks, %s used); "
+                           "lower its weight or give it more text", name, p["passes"], f"{p['blocks']:,}",
+                           f"{p['used']:,}")
+
+
+def mixture_used(train: dict[str, Any], tokens_seen: dict[str, int], block_size: int) -> dict[str, dict[str, Any]]:
+    """What training took from each source: blocks trained on (its tokens / block size) and, when the source's
+    size is known (not streamed), its blocks and the passes over them."""
+    sources = train.get("sources") if isinstance(train.get("sources"), dict) else {}
+    used = {}
+    for name, tokens in tokens_seen.items():
+        blocks = sources.get(name, {}).get("blocks")
+        used[name] = {"blocks": blocks, "used": tokens // block_size, "tokens": tokens,
+                      "passes": tokens / block_size / blocks if blocks else None}
+    return used
+
+
+def mixture_draws(sizes: list[int], weights: list[float], mix: str, total: int | None = None) -> list[int]:
+    """Blocks each source supplies to one epoch of the mixture, in the weights' proportions.
+
+    `primary`: every block of the first source once, the others by weight. `all_exhausted`: the shortest epoch
+    in which every source is seen whole. `first_exhausted`: the longest epoch in which no source repeats.
+    `total` (from `data.token_budget`): that many blocks in all, whatever `mix` says.
+    """
+    p = np.asarray(weights, dtype=np.float64) / sum(weights)
+    n = np.asarray(sizes, dtype=np.float64)
+    if total is not None:
+        draws = np.rint(total * p)
+    elif mix == "primary":
+        draws = np.rint(n[0] / p[0] * p)
+        draws[0] = n[0]
+    elif mix == "all_exhausted":
+        draws = np.maximum(n, np.rint((n / p).max() * p))
+    else:
+        draws = np.minimum(n, np.rint((n / p).min() * p))
+    return [int(k) for k in draws]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -418,7 +543,7 @@ def _strip_pmid(batch: dict[str, list[str]]) -> dict[str, list[str]]:
 def read_documents(d: DataConfig, limit: int | None = None) -> list[str]:
     """The first `limit` cleaned documents of the corpus as plain strings (to train a tokenizer on)."""
     texts: list[str] = []
-    for batch in document_batches(d, data_sources(d)[0]):
+    for batch in document_batches(d, data_sources(d)[0], report=False):
         texts.extend(batch)
         if limit is not None and len(texts) >= limit:
             return texts[:limit]

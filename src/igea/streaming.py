@@ -16,9 +16,11 @@ Why this design:
 - Blocks are shuffled in windows: read `data.shuffle_buffer` blocks, permute them with a seed drawn from
   (seed, source, epoch, window), hand them out. Resuming means re-reading the current window only, where a
   buffer shuffle would have to store its whole buffer in every checkpoint; each epoch is shuffled anew.
-- Sources are chosen block by block with draws from (seed, epoch, chunk), so the mixing resumes exactly too;
-  an epoch ends when the first source runs out (as map-style mixing does) and the next one starts by itself.
-  The stream never ends: a streamed run is sized by `training.max_steps` or `data.token_budget`.
+- Sources are chosen block by block with draws from (seed, epoch, chunk), so the mixing resumes exactly too.
+  When a source runs out, `data.mix` decides: `primary` ends the epoch with the first source and starts the
+  others over, each pass in a new order; `all_exhausted` ends it once every source has run out;
+  `first_exhausted` with the first source to run out. The next epoch starts by itself: the stream never ends,
+  a streamed run is sized by `training.max_steps` or `data.token_budget`.
 
 The DataLoader and accelerate read a batch or two ahead of the step being trained, so the stream remembers
 its position before each of the last blocks it handed out and saves the one after the blocks really trained
@@ -177,9 +179,10 @@ class WindowedSource:
     """A source's blocks of one epoch, shuffled in windows; resumes at any block from (taken, window start)."""
 
     def __init__(self, make_blocks: Callable[[Position], SourceBlocks], window: int, seed: list[int],
-                 taken: int = 0, start: Position | None = None) -> None:
+                 taken: int = 0, start: Position | None = None, passes: int = 0) -> None:
         self.make_blocks, self.window, self.seed = make_blocks, window, seed
-        self.taken = taken  # blocks given this epoch
+        self.taken = taken  # blocks given in this pass
+        self.passes = passes  # earlier passes over the source in this epoch (it started over)
         self._start = start or Position()  # where the window holding block `taken` starts
         self._cutter: SourceBlocks | None = None
         self._loaded: int | None = None  # index of the window in memory
@@ -238,30 +241,36 @@ class BlockStream(torch.utils.data.IterableDataset):
         self.add_eos = d.document_boundary == "eos"
         self.block_size, self.with_positions = d.block_size, d.packing == "documents"
         self.window, self.seed = max(d.shuffle_buffer, 1), seed
+        self.mix = d.mix if len(parts) > 1 else "first_exhausted"  # one source: its end ends the epoch
         self.layout = {"block_size": d.block_size, "packing": d.packing, "document_boundary": d.document_boundary,
-                       "shuffle_buffer": self.window, "seed": seed, "sources": labels, "weights": list(weights)}
+                       "shuffle_buffer": self.window, "seed": seed, "sources": labels, "weights": list(weights),
+                       "mix": self.mix}
         self._start = {"blocks": 0, "epoch": 0, "mixed": 0,
-                       "sources": [{"taken": 0, "window": Position()} for _ in parts]}
+                       "sources": [{"taken": 0, "window": Position(), "passes": 0} for _ in parts]}
         self._trail: deque[tuple[int, int, int, tuple[tuple[int, Position], ...]]] = deque(maxlen=TRAIL)
         self._choices: tuple[tuple[int, int], np.ndarray] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         state = self._start
         blocks, epoch, mixed = state["blocks"], state["epoch"], state["mixed"]
-        sources = self._sources(epoch, [(s["taken"], s["window"]) for s in state["sources"]])
+        sources = [self._source(i, epoch, s.get("passes", 0), s["taken"], s["window"])
+                   for i, s in enumerate(state["sources"])]
         self._trail.clear()
         self._remember(blocks, epoch, mixed, sources)
         while True:
             index = self._source_of(epoch, mixed)
             with self.explain(index):
                 block = sources[index].next_block()
-            if block is None:  # the first source to run out ends the epoch
-                if mixed == 0:
-                    raise IgeaError(f"data: the streamed corpus '{self.labels[index]}' has fewer tokens than one "
-                                    f"block of data.block_size={self.block_size}")
+            if block is None and sources[index].taken == 0:
+                raise IgeaError(f"data: the streamed corpus '{self.labels[index]}' has fewer tokens than one "
+                                f"block of data.block_size={self.block_size}")
+            if block is None and self._epoch_ends(index, sources):
                 epoch, mixed = epoch + 1, 0
-                sources = self._sources(epoch, [(0, Position())] * len(self.parts))
+                sources = [self._source(i, epoch, 0) for i in range(len(self.parts))]
                 self._remember(blocks, epoch, mixed, sources)
+                continue
+            if block is None:  # this source starts over, in a new order; the epoch goes on
+                sources[index] = self._source(index, epoch, sources[index].passes + 1)
                 continue
             blocks, mixed = blocks + 1, mixed + 1
             if len(self.parts) > 1:
@@ -269,15 +278,27 @@ class BlockStream(torch.utils.data.IterableDataset):
             self._remember(blocks, epoch, mixed, sources)
             yield block
 
+    def _epoch_ends(self, index: int, sources: list[WindowedSource]) -> bool:
+        """Source `index` just ran out: does the epoch end (`data.mix`), or does the source start over?"""
+        if self.mix == "first_exhausted":
+            return True
+        if self.mix == "primary":
+            return index == 0
+        return all(s.passes > 0 or i == index for i, s in enumerate(sources))  # all_exhausted: every one ran out
+
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return tokenize_documents(self.tokenizer, texts, self.add_eos)
 
-    def _sources(self, epoch: int, points: list[tuple[int, Position]]) -> list[WindowedSource]:
-        def maker(documents: IterableDataset) -> Callable[[Position], SourceBlocks]:
-            return lambda start: SourceBlocks(documents, self.tokenize, self.block_size, self.with_positions, start)
+    def _source(self, index: int, epoch: int, passes: int, taken: int = 0,
+                start: Position | None = None) -> WindowedSource:
+        """Source `index` in `epoch`, after `passes` earlier passes over it in that epoch, at block `taken`."""
+        documents = self.parts[index]
 
-        return [WindowedSource(maker(part), self.window, [self.seed, i, epoch], taken, start)
-                for i, (part, (taken, start)) in enumerate(zip(self.parts, points, strict=True))]
+        def make_blocks(at: Position) -> SourceBlocks:
+            return SourceBlocks(documents, self.tokenize, self.block_size, self.with_positions, at)
+
+        seed = [self.seed, index, epoch] + ([passes] if passes else [])  # a new order for each pass
+        return WindowedSource(make_blocks, self.window, seed, taken, start, passes)
 
     def _source_of(self, epoch: int, mixed: int) -> int:
         """The source of the `mixed`-th block of an epoch, drawn by weight."""
@@ -291,7 +312,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         return int(self._choices[1][offset])
 
     def _remember(self, blocks: int, epoch: int, mixed: int, sources: list[WindowedSource]) -> None:
-        entry = (blocks, epoch, mixed, tuple(s.resume_point() for s in sources))
+        entry = (blocks, epoch, mixed, tuple((*s.resume_point(), s.passes) for s in sources))
         if self._trail and self._trail[-1][0] == blocks:
             self._trail[-1] = entry  # a new epoch starts at the same block count
         else:
@@ -303,18 +324,20 @@ class BlockStream(torch.utils.data.IterableDataset):
             return None
         count, epoch, mixed, points = self._trail[blocks - self._trail[0][0]]
         return {"format": 1, "blocks": count, "epoch": epoch, "mixed": mixed, "layout": self.layout,
-                "sources": [{"taken": taken, "window": start.to_dict()} for taken, start in points]}
+                "sources": [{"taken": taken, "window": start.to_dict(), "passes": passes}
+                            for taken, start, passes in points]}
 
     def load_position(self, state: dict[str, Any]) -> None:
         """Continue from a saved position; refuses one saved with other data settings."""
-        changed = [f"{key}: {state['layout'].get(key)!r} -> {value!r}" for key, value in self.layout.items()
-                   if state["layout"].get(key) != value]
+        saved = {"mix": "first_exhausted", **state["layout"]}  # saved before data.mix: its end ended the epoch
+        changed = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in self.layout.items()
+                   if saved.get(key) != value]
         if changed:
             raise IgeaError(f"--resume: the streamed data settings changed since the checkpoint "
                             f"({'; '.join(changed)}); resume with the settings it was trained with")
         self._start = {"blocks": state["blocks"], "epoch": state["epoch"], "mixed": state["mixed"],
-                       "sources": [{"taken": s["taken"], "window": Position.from_dict(s["window"])}
-                                   for s in state["sources"]]}
+                       "sources": [{"taken": s["taken"], "window": Position.from_dict(s["window"]),
+                                    "passes": s.get("passes", 0)} for s in state["sources"]]}
 
     def save(self, folder: Path, blocks: int) -> None:
         """Write the position after `blocks` trained blocks into a checkpoint folder (the main process calls it)."""

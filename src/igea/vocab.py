@@ -437,7 +437,7 @@ def run_texts(cfg: IgeaConfig) -> tuple[list[str], list[str]]:
     d = DataConfig(**{**vars(d), "max_documents": limit})
     source = SourceConfig(path=d.path, text_column=d.text_column, name=d.name, split=d.split)
     documents = clean_corpus(load_corpus(d, source), d)
-    if d.validation_path is not None:
+    if isinstance(d.validation_path, (str, list)):  # it replaces the split (named sets add to it)
         return _texts(documents), read_texts(d.validation_path, "data.validation_path", d)
     seed = d.seed if d.seed is not None else cfg.training.get("seed", 42)
     if d.streaming:  # the first documents, as the streamed run holds them out
