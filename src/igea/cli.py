@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -148,17 +149,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not PartialState().is_main_process:
         return 0
-    summary = {split: {k: v for k, v in result.metrics[split].items() if k in SUMMARY_KEYS}
-               for split in ("before", "after") if split in result.metrics}
+    from igea.report import held_out_summary
+
     print(f"\nrun saved in {result.output_dir}")
-    for split, values in summary.items():
-        print(f"  eval {split:6s} " + "  ".join(f"{k.removeprefix('eval_')}={v:.4f}" for k, v in values.items()))
+    if summary := held_out_summary(result.metrics):
+        print(summary)
     for prompt, text in result.metrics.get("samples", {}).items():
         print(f"\nsample for {prompt!r}:\n{text}")
     return 0
 
-
-SUMMARY_KEYS = ("eval_loss", "eval_perplexity", "eval_accuracy")
 
 
 def add_prepare(commands) -> None:
@@ -289,8 +288,9 @@ def add_eval(commands) -> None:
     parser = _command(commands, "eval", cmd_eval,
                       "held-out loss, perplexity and accuracy, and multiple-choice benchmarks, of a model")
     parser.add_argument("path", help="run directory, model directory or hub id")
-    parser.add_argument("--corpus", nargs="+", metavar="FILE",
-                        help="held-out text: files, globs, directories or a hub dataset id")
+    parser.add_argument("--corpus", nargs="+", action="append", metavar="[NAME=]FILE",
+                        help="held-out text: files, globs, directories or a hub dataset id; NAME=FILES names a "
+                             "held-out set evaluated on its own (--corpus biomed=a.txt --corpus general=b.txt)")
     parser.add_argument("--tasks", help="comma-separated: medmcqa_ita, hellaswag_it, arc_it, mmlu_it, "
                                         ".yaml task files or .jsonl/.csv/.parquet question files")
     parser.add_argument("--compare", metavar="BASE", help="evaluate BASE too, on the same data")
@@ -319,7 +319,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ConfigError as err:  # name the flag the user typed, not the config key
         key, _, rest = str(err).partition(":")
         raise ConfigError(f"--{key.removeprefix('eval.').replace('_', '-')}:{rest}") from None
-    corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus  # a hub id is a str
+    corpus = held_out_argument(args.corpus) if args.corpus else None
     results = evaluate(args.path, corpus=corpus, compare=args.compare, eval_config=eval_config,
                        block_size=args.block_size, device=args.device, dtype=args.dtype)
     print(format_results(results))
@@ -328,6 +328,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         what = "results with per-question predictions" if tasks else "results"
         print(f"\n{what} written to {args.output}")
     return 0
+
+
+SET_NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.+)$")
+
+
+def held_out_argument(groups: list[list[str]]) -> str | list[str] | dict[str, list[str]]:
+    """`--corpus` values as `evaluate` takes them: named sets (`--corpus biomed=a.txt b.txt --corpus general=c.txt`)
+    or one unnamed set of every file given (a single hub id stays a string)."""
+    named: dict[str, list[str]] = {}
+    unnamed: list[str] = []
+    for group in groups:
+        match = SET_NAME.match(group[0])
+        if match is None:
+            unnamed += group
+            continue
+        name = match.group(1)
+        if name in named:
+            raise IgeaError(f"--corpus: two held-out sets are named '{name}'; give each a distinct name")
+        named[name] = [match.group(2), *group[1:]]
+    if named and unnamed:
+        raise IgeaError(f"--corpus: name every held-out set (NAME=FILES) or none; '{unnamed[0]}' has no name")
+    if named:
+        return named
+    return unnamed[0] if len(unnamed) == 1 else unnamed
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase
 
-from igea.config import DataConfig, EvalConfig
-from igea.data import BlockCollator, clean_corpus, load_corpus, pack_blocks, tokenize_corpus
-from igea.errors import ConfigError, IgeaError
-from igea.metrics import NextTokenMetrics, argmax_and_nll, perplexity
+from igea.blockstore import HeldOut
+from igea.config import DataConfig, EvalConfig, data_sources, resolve_local_files
+from igea.data import BlockCollator, prepare_corpus
+from igea.errors import ConfigError, IgeaError, show
+from igea.metrics import NextTokenMetrics, argmax_and_nll, combined, perplexity
 from igea.modeling import load_pretrained
 from igea.rundir import run_config
 from igea.tasks import check_task_names, context_length, load_task, markdown_table, run_tasks
@@ -32,9 +33,13 @@ PACKING_KEYS = ("block_size", "document_boundary", "packing", "min_chars")
 ModelLike = str | os.PathLike | PreTrainedModel
 
 
+HeldOutCorpus = str | list[str] | DataConfig | dict[str, str | list[str]]
+"""What `evaluate(corpus=...)` takes: files/globs/directories or a hub id (one set), a DataConfig, or named sets."""
+
+
 def evaluate(
     model: ModelLike,
-    corpus: str | list[str] | DataConfig | None = None,
+    corpus: HeldOutCorpus | None = None,
     tasks: list[str] | None = None,
     *,
     compare: ModelLike | None = None,
@@ -47,37 +52,49 @@ def evaluate(
     """Held-out metrics on `corpus` and multiple-choice `tasks` for a model, and for `compare` beside it.
 
     `model` is a run directory, a model directory, a hub id or a loaded model (then pass its `tokenizer`).
-    `corpus` is what `data.path` takes (files, globs, directories, a hub id) or a whole DataConfig. Blocks are
-    `block_size` tokens: by default the run's own, else the model's context up to 2048. `eval_config` gives
-    the tasks' few-shot count, limit and batch size. Returns JSON-ready results:
-    `{"models": {name: {"held_out": ..., "tasks": ...}}, "held_out_data": ..., "change": ..., "table": ...}`.
+    `corpus` is what `data.path` takes (files, globs, directories, a hub id), a whole DataConfig, or named
+    held-out sets `{"biomed": "a.txt", "general": ["b.txt", "c.txt"]}`, each evaluated on its own. Blocks are
+    `block_size` tokens: by default the run's own, else the model's context up to 2048, prepared once on disk as
+    training prepares them. `eval_config` gives the tasks' few-shot count, limit and batch size. Returns
+    JSON-ready results: `{"models": {name: {"held_out": ..., "held_out_sets": ..., "tasks": ...}},
+    "held_out_data": ..., "change": ..., "table": ...}`; `held_out` is over all sets (token-weighted) and
+    `held_out_sets` (named sets only) holds each set's.
     """
     eval_config = eval_config or EvalConfig()
     tasks = list(tasks if tasks is not None else eval_config.tasks)
     check_task_names(tasks, key="tasks")
     if corpus is None and not tasks:
         raise IgeaError("evaluate: nothing to do; give a held-out corpus, tasks, or both")
+    if isinstance(corpus, dict):
+        check_set_names(corpus)
     loaded = [load_task(name, eval_config.num_fewshot, eval_config.limit) for name in tasks]  # fail early
     sources = [model] if compare is None else [model, compare]
     names = _display_names(sources)
     results: dict[str, Any] = {"models": {}}
-    blocks: Dataset | None = None
+    blocks: dict[str, Dataset] = {}
     reference_vocab: dict[str, int] | None = None
     for name, source in zip(names, sources, strict=True):
         lm, tok = load_for_eval(source, tokenizer, device, dtype)
         entry: dict[str, Any] = {}
         if corpus is not None:
-            if blocks is None:
-                data = held_out_data_config(corpus, source, block_size, context_length(lm, tok))
-                check_block_fits(data.block_size, context_length(lm, tok), name)
-                blocks, results["held_out_data"] = held_out_blocks(tok, data)
+            context = context_length(lm, tok)
+            if not blocks:
+                sets = held_out_sets(corpus, source, block_size, context)
+                check_block_fits(next(iter(sets.values())).block_size, context, name)
+                warn_if_trained_on(source, sets)
+                prepared = {set_name: held_out_blocks(tok, data, set_name) for set_name, data in sets.items()}
+                blocks = {set_name: b for set_name, (b, _) in prepared.items()}
+                results["held_out_data"] = held_out_data_stats({n: stats for n, (_, stats) in prepared.items()})
                 reference_vocab = tok.get_vocab()
             elif tok.get_vocab() != reference_vocab:
                 raise IgeaError(f"compare: '{name}' has another tokenizer than '{names[0]}'; "
                                 "held-out metrics need the same token blocks for both")
             else:
-                check_block_fits(results["held_out_data"]["block_size"], context_length(lm, tok), name)
-            entry["held_out"] = held_out_metrics(lm, blocks, eval_config.batch_size)
+                check_block_fits(results["held_out_data"]["block_size"], context, name)
+            per_set = {set_name: held_out_metrics(lm, b, eval_config.batch_size) for set_name, b in blocks.items()}
+            entry["held_out"] = combined(list(per_set.values())) if len(per_set) > 1 else next(iter(per_set.values()))
+            if isinstance(corpus, dict):
+                entry["held_out_sets"] = per_set
         if tasks:
             entry["tasks"] = run_tasks(lm, tok, loaded, eval_config)
         results["models"][name] = entry
@@ -129,7 +146,7 @@ def run_packing(source: ModelLike) -> dict[str, Any]:
 def held_out_data_config(
     corpus: str | list[str] | DataConfig, source: ModelLike, block_size: int | None, context: int
 ) -> DataConfig:
-    """The DataConfig of the held-out corpus: the run's packing, `block_size` if given, blocks <= context."""
+    """The DataConfig of a held-out corpus: the run's packing, `block_size` if given, blocks <= context."""
     if isinstance(corpus, DataConfig):
         data = corpus
     else:
@@ -143,6 +160,23 @@ def held_out_data_config(
     return data
 
 
+def held_out_sets(corpus: HeldOutCorpus, source: ModelLike, block_size: int | None,
+                  context: int) -> dict[str, DataConfig]:
+    """Each held-out set's DataConfig, by name (one unnamed set, "", unless `corpus` names them)."""
+    named = corpus if isinstance(corpus, dict) else {"": corpus}
+    return {name: held_out_data_config(paths, source, block_size, context) for name, paths in named.items()}
+
+
+def check_set_names(corpus: dict[str, Any]) -> None:
+    """Named held-out sets: at least one, each name an identifier (it names metrics, as in training)."""
+    if not corpus:
+        raise ConfigError("corpus: {} names no held-out set; map names to files, e.g. {'general': 'general.txt'}")
+    for name in corpus:
+        if not (isinstance(name, str) and name.isidentifier() and name.isascii()):
+            raise ConfigError(f"corpus: {show(name)} is not allowed as the name of a held-out set; use letters, "
+                              "digits and _ (not first a digit)")
+
+
 def check_block_fits(block_size: int, context: int, name: str) -> None:
     if block_size > context:
         raise ConfigError(
@@ -150,19 +184,56 @@ def check_block_fits(block_size: int, context: int, name: str) -> None:
         )
 
 
-def held_out_blocks(tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> tuple[Dataset, dict[str, Any]]:
-    """The corpus cleaned, tokenized and cut into blocks as training does it, with its counts."""
-    documents = clean_corpus(load_corpus(data), data)
-    tokens = tokenize_corpus(documents, tokenizer, data)
-    blocks, stats = pack_blocks(tokens, data.block_size, data.packing, data.cache_dir)
+def held_out_blocks(tokenizer: PreTrainedTokenizerBase, data: DataConfig,
+                    name: str = "") -> tuple[Dataset, dict[str, Any]]:
+    """A held-out corpus cleaned, tokenized and cut into blocks as training does it (prepared once on disk and
+    memory-mapped, like a run's corpus), with its counts."""
+    source = data_sources(data)[0]
+    prepared = prepare_corpus(data, source, tokenizer, HeldOut(0))
+    stats = dict(prepared.manifest["kept"])
     if stats["blocks"] == 0:
+        what = f"corpus '{name}'" if name else "corpus"
         raise IgeaError(
-            f"corpus: {stats['tokens']} tokens, fewer than one block of {data.block_size}; "
+            f"{what}: {stats['tokens']} tokens, fewer than one block of {data.block_size}; "
             "give more text or a smaller block size"
         )
-    stats.update(corpus=data.path, documents=len(documents), block_size=data.block_size, packing=data.packing)
-    logger.info("held-out: %d documents -> %d blocks of %d", len(documents), stats["blocks"], data.block_size)
-    return blocks, stats
+    stats.update(corpus=data.path, block_size=data.block_size, packing=data.packing)
+    logger.info("held-out%s: %d documents -> %d blocks of %d", f" set '{name}'" if name else "", stats["documents"],
+                stats["blocks"], data.block_size)
+    return prepared.kept, stats
+
+
+def held_out_data_stats(per_set: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The held-out data's counts: of the one set, or summed over named sets (each set's under `sets`)."""
+    if list(per_set) == [""]:
+        return per_set[""]
+    first = next(iter(per_set.values()))
+    total = {key: sum(stats[key] for stats in per_set.values()) for key in ("documents", "tokens", "blocks",
+                                                                            "remainder")}
+    return {**total, "block_size": first["block_size"], "packing": first["packing"], "sets": per_set}
+
+
+def warn_if_trained_on(source: ModelLike, sets: dict[str, DataConfig]) -> None:
+    """Warn when a held-out set shares files with the training corpus of the run being evaluated: its numbers
+    would be measured on training data."""
+    config = None if isinstance(source, PreTrainedModel) else run_config(source)
+    if not config:
+        return
+    data = config.get("data") or {}
+    paths = [data["path"]] if data.get("path") else [s["path"] for s in data.get("sources") or []]
+    trained: set[str] = set()
+    for path in paths:
+        try:
+            trained.update(os.path.abspath(f) for f in resolve_local_files(path, "data.path") or [])
+        except ConfigError:  # the run's files are gone: nothing to compare with
+            continue
+    for name, held in sets.items():
+        files = resolve_local_files(held.path, "corpus") if held.path is not None else None
+        shared = sorted({os.path.abspath(f) for f in files or []} & trained)
+        if shared:
+            what = f"held-out set '{name}'" if name else "the held-out corpus"
+            logger.warning("%s includes '%s', which run '%s' trained on: these are not held-out numbers (use text "
+                           "the run never saw)", what, shared[0], source)
 
 
 @torch.inference_mode()
@@ -184,11 +255,15 @@ def held_out_metrics(model: PreTrainedModel, blocks: Dataset, batch_size: int = 
 
 
 def changes(model: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """model - base for every held-out metric and every task's acc and acc_norm."""
+    """model - base for every held-out metric (of all sets, and of each named set) and every task's acc and
+    acc_norm."""
     change: dict[str, Any] = {}
+    keys = ("loss", "perplexity", "accuracy")
     if "held_out" in model:
-        keys = ("loss", "perplexity", "accuracy")
         change["held_out"] = {k: model["held_out"][k] - base["held_out"][k] for k in keys}
+    if "held_out_sets" in model:
+        change["held_out_sets"] = {name: {k: m[k] - base["held_out_sets"][name][k] for k in keys}
+                                   for name, m in model["held_out_sets"].items()}
     if "tasks" in model:
         change["tasks"] = {
             task: {k: result[k] - base["tasks"][task][k] for k in ("acc", "acc_norm")}
@@ -202,19 +277,30 @@ def changes(model: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """Held-out metrics (a line per model, then the change) and the tasks' table, as `igea eval` prints."""
+    """Held-out metrics (a line per model and held-out set, then the change) and the tasks' table, as
+    `igea eval` prints them."""
     lines = []
     models = results["models"]
-    width = max(len(n) for n in [*models, "change"])
     if "held_out_data" in results:
         d = results["held_out_data"]
-        lines.append(f"held-out: {d['documents']} documents in {d['blocks']} blocks of {d['block_size']}")
-        lines.append(f"{'':{width}}  {'loss':>9} {'perplexity':>11} {'accuracy':>9}")
-        rows = [(name, entry["held_out"], "") for name, entry in models.items()]
+        sets = list(d.get("sets", {}))
+        lines.append(f"held-out: {d['documents']} documents in {d['blocks']} blocks of {d['block_size']}"
+                     + (f" ({len(sets)} sets: {', '.join(sets)})" if sets else ""))
+        rows: list[tuple[str, str, dict[str, float], str]] = []
+        for name, entry in models.items():
+            rows += [(name, s, entry["held_out_sets"][s], "") for s in sets]
+            rows.append((name, "all" if sets else "", entry["held_out"], ""))
         if "change" in results:
-            rows.append(("change", results["change"]["held_out"], "+"))
-        for name, m, sign in rows:
-            lines.append(f"{name:{width}}  {m['loss']:>{sign}9.4f} {m['perplexity']:>{sign}11.3f} "
+            change = results["change"]
+            rows += [("change", s, change["held_out_sets"][s], "+") for s in sets]
+            rows.append(("change", "all" if sets else "", change["held_out"], "+"))
+        width = max(len(n) for n, *_ in rows)
+        set_width = max((len(s) for _, s, *_ in rows), default=0)
+        column = f"{'set':{set_width}}  " if sets else ""
+        lines.append(f"{'':{width}}  {column}{'loss':>9} {'perplexity':>11} {'accuracy':>9}")
+        for name, set_name, m, sign in rows:
+            cell = f"{set_name:{set_width}}  " if sets else ""
+            lines.append(f"{name:{width}}  {cell}{m['loss']:>{sign}9.4f} {m['perplexity']:>{sign}11.3f} "
                          f"{m['accuracy']:>{sign}9.4f}")
     if "table" in results:
         lines += ["", results["table"]] if lines else [results["table"]]

@@ -70,3 +70,13 @@ class NextTokenMetrics:
         self.correct = self.counted = 0
         self.nll = 0.0
         return result
+
+
+def combined(results: list[dict[str, float]]) -> dict[str, float]:
+    """Loss, perplexity, accuracy and tokens of several evaluations together: the token-weighted means."""
+    tokens = sum(r["tokens"] for r in results)
+    if not tokens:
+        return {"loss": math.nan, "perplexity": math.nan, "accuracy": math.nan, "tokens": 0}
+    loss = sum(r["loss"] * r["tokens"] for r in results) / tokens
+    accuracy = sum(r["accuracy"] * r["tokens"] for r in results) / tokens
+    return {"loss": loss, "perplexity": perplexity(loss), "accuracy": accuracy, "tokens": tokens}

@@ -17,8 +17,9 @@ from typing import Any
 import yaml
 from transformers.modelcard import make_markdown_table, parse_log_history
 
-from igea.config import SAMPLE_CORPUS, looks_local
+from igea.config import GENERAL_TEXT, SAMPLE_CORPUS, looks_local
 from igea.errors import IgeaError
+from igea.metrics import perplexity
 from igea.rundir import RUN_MARKER, write_text_atomic
 from igea.tasks import markdown_table
 
@@ -117,7 +118,8 @@ def render_card(run: RunRecord, curves_drawn: bool) -> str:
         how_to_use(run),
         "## Bias, Risks and Limitations\n\n" + (run.card.get("risks") or DEFAULT_RISKS).strip(),
         "## Training and evaluation data\n\n" + data_summary(run),
-        "## Training procedure\n\n" + base_model_line(run.config["model"]) + adapter_line(run.metrics.get("adapter")),
+        "## Training procedure\n\n" + base_model_line(run.config["model"]) + adapter_line(run.metrics.get("adapter"))
+        + best_line(run.metrics.get("best")),
         "### Training hyperparameters\n\nThe following hyperparameters were used during training:\n\n"
         + "\n".join(hyperparameter_lines(run.config["training"], run.layout)),
         "### Training results\n\n" + results_section(run.log_history, curves_drawn),
@@ -163,6 +165,8 @@ def hub_datasets(data: dict[str, Any]) -> list[str]:
 def describe_path(path: str) -> str:
     if path == SAMPLE_CORPUS:
         return "the Italian biomedical sample corpus shipped with igea"
+    if path == GENERAL_TEXT:
+        return "the general (not medical) Italian text shipped with igea"
     if looks_local(path):
         return f"local files (`{path}`)"
     return f"[{path}](https://huggingface.co/datasets/{path})"
@@ -246,15 +250,27 @@ def data_summary(run: RunRecord) -> str:
     corpora = ", ".join(describe_path(p) for p in data_paths(run.config["data"]))
     block = run.config["data"].get("block_size")
     lines = [f"Corpus: {corpora}, packed into blocks of {block} tokens.", ""]
+    held = run.config["data"].get("validation_path")
+    if isinstance(held, dict):
+        named = "; ".join(f"`{name}`: {', '.join(map(describe_path, [paths] if isinstance(paths, str) else paths))}"
+                          for name, paths in held.items())
+        lines[-1:] = [f"Held-out sets read from their own files, never trained on: {named}.", ""]
     data = run.metrics.get("data") or {}
     for split in ("train", "validation"):
         if split in data:
             lines.append(f"- {split}: {split_summary(data[split], block)}")
+    for name, counts in (data.get("validation_sets") or {}).items():
+        lines.append(f"  - {name}: {split_summary(counts, block)}")
     seen = data.get("tokens_seen") or {}
     if seen:
         total = sum(seen.values()) or 1
         shares = ", ".join(f"{name} {tokens:,} ({tokens / total:.1%})" for name, tokens in seen.items())
         lines.append(f"- tokens trained on, per source: {shares}")
+    used = data.get("mixture") or {}
+    if used:
+        lines.append("- blocks trained on, per source: " + "; ".join(
+            f"{name}: {u['blocks']:,} blocks, {u['used']:,} used, {u['passes']:.1f} passes" if u.get("blocks")
+            else f"{name}: {u['used']:,} used (streamed)" for name, u in used.items()))
     return "\n".join(lines) + "\n\n" + evaluation_summary(run.metrics)
 
 
@@ -274,7 +290,9 @@ def evaluation_summary(metrics: dict[str, Any]) -> str:
     after = metrics.get("after")
     if not after:
         return "No held-out set was evaluated (`data.validation_split: 0` and no `data.validation_path`)."
-    lines = ["It achieves the following results on the evaluation set:", ""]
+    sets = set_names(after)
+    where = f"its {len(sets)} held-out sets together (token-weighted)" if sets else "the evaluation set"
+    lines = [f"It achieves the following results on {where}:", ""]
     lines.append(f"- Loss: {after['eval_loss']:.4f}")
     if "eval_accuracy" in after:
         lines.append(f"- Accuracy: {after['eval_accuracy']:.4f}")
@@ -282,8 +300,78 @@ def evaluation_summary(metrics: dict[str, Any]) -> str:
     if before:
         accuracy = f" and accuracy {before['eval_accuracy']:.4f}" if "eval_accuracy" in before else ""
         loss = f"{before['eval_loss']:.4f}"
-        lines += ["", f"Before training, the base model had loss {loss}{accuracy} on the same set."]
+        same = "sets" if sets else "set"
+        lines += ["", f"Before training, the base model had loss {loss}{accuracy} on the same {same}."]
+    if sets:
+        lines += ["", "### Held-out sets", "", "Each set evaluated on its own: what continued pretraining gained on "
+                  "its domain and what it cost elsewhere (loss, with perplexity in brackets; lower is better).",
+                  "", held_out_table(metrics)]
     return "\n".join(lines)
+
+
+def set_names(metrics: dict[str, Any]) -> list[str]:
+    """The named held-out sets of an evaluation's flat metrics (`eval_<set>_tokens`), in order."""
+    return [key[len("eval_"):-len("_tokens")] for key in metrics
+            if key.startswith("eval_") and key.endswith("_tokens") and key != "eval_tokens"]
+
+
+def held_out_table(metrics: dict[str, Any]) -> str:
+    """Set | Tokens | Loss before | Loss after | Change, a row per held-out set and one for all of them."""
+    before, after = metrics.get("before") or {}, metrics["after"]
+    rows = []
+    for name in [*set_names(after), None]:
+        prefix = f"eval_{name}" if name else "eval"
+        row = {"Held-out set": name or "all", "Tokens": f"{after.get(f'{prefix}_tokens', 0):,}"}
+        loss = after[f"{prefix}_loss"]
+        row["Loss before"] = _loss_cell(before, prefix)
+        row["Loss after"] = _loss_cell(after, prefix)
+        row["Change"] = f"{loss - before[f'{prefix}_loss']:+.4f}" if f"{prefix}_loss" in before else "-"
+        rows.append(row)
+    return make_markdown_table(rows).strip()
+
+
+def _loss_cell(metrics: dict[str, Any], prefix: str) -> str:
+    if f"{prefix}_loss" not in metrics:
+        return "-"
+    loss = metrics[f"{prefix}_loss"]
+    return f"{loss:.4f} ({perplexity(loss):,.2f})"
+
+
+def held_out_summary(metrics: dict[str, Any]) -> str:
+    """The held-out results as `igea train` prints them: a line per held-out set (and all of them), before and
+    after training side by side; empty when nothing was evaluated."""
+    after = metrics.get("after")
+    if not after:
+        return ""
+    before = metrics.get("before") or {}
+    sets = set_names(after)
+    rows = [(name, f"eval_{name}") for name in sets] + [("all" if sets else "held-out", "eval")]
+    width = max(len(name) for name, _ in rows)
+    when = "before -> after training" if before else "after training"
+    lines = [f"held-out loss, perplexity and next-token accuracy, {when}:"]
+    for name, prefix in rows:
+        cells = []
+        for metric, digits in (("loss", 4), ("perplexity", 2), ("accuracy", 4)):
+            value = after.get(f"{prefix}_{metric}")
+            if value is None:
+                continue
+            old = before.get(f"{prefix}_{metric}")
+            text = f"{old:.{digits}f} -> {value:.{digits}f}" if old is not None else f"{value:.{digits}f}"
+            if metric == "loss" and old is not None:
+                text += f" ({value - old:+.4f})"
+            cells.append(f"{metric} {text}")
+        lines.append(f"  {name:<{width}}  " + "   ".join(cells))
+    return "\n".join(lines)
+
+
+def best_line(best: dict[str, Any] | None) -> str:
+    """Which checkpoint `load_best_model_at_end` kept as the final weights, and why."""
+    if not best:
+        return ""
+    which = "highest" if best["greater_is_better"] else "lowest"
+    return (f"\n\nThe weights are those of step {best['step']:,} of {best['last_step']:,} (`{best['checkpoint']}`): "
+            f"its `{best['metric']}`, {best['value']:.4f}, was the {which} of the run's evaluations "
+            "(`training.load_best_model_at_end` with `metric_for_best_model`).")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -361,7 +449,18 @@ def result_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     The training loss of a row is the last one logged at or before its step ("No log" before the first).
     """
     _, lines, _ = parse_log_history(log_history)
-    return [{c: line[c] for c in RESULT_COLUMNS if c in line} for line in lines or []]
+    evals = [e for e in log_history if "eval_loss" in e]
+    sets = set_names(evals[0]) if evals else []
+    tasks = [key[len("eval_"):-len("_acc_norm")] for key in (evals[0] if evals else {}) if key.endswith("_acc_norm")]
+    extra = {f"Validation Loss ({name})": f"eval_{name}_loss" for name in sets}
+    extra.update({f"Acc Norm ({task})": f"eval_{task}_acc_norm" for task in tasks})
+
+    def hf_name(key: str) -> str:  # how parse_log_history names a metric column
+        return " ".join(part.capitalize() for part in key.split("_")[1:])
+
+    return [{**{c: line[c] for c in RESULT_COLUMNS if c in line},
+             **{column: line[hf_name(key)] for column, key in extra.items() if hf_name(key) in line}}
+            for line in lines or []]
 
 
 def results_section(log_history: list[dict[str, Any]], curves_drawn: bool) -> str:
@@ -390,11 +489,13 @@ def benchmark_section(benchmarks: dict[str, dict[str, Any]], title: str) -> str:
 
 @dataclass
 class CurvePoints:
-    """(step, value) series: training loss, validation loss and validation accuracy."""
+    """(step, value) series: training loss; validation loss and accuracy per held-out set (`validation` for a
+    single set; `all` and each set's name with several); each benchmark's acc_norm when scored during training."""
 
     train_loss: list[tuple[int, float]] = field(default_factory=list)
-    eval_loss: list[tuple[int, float]] = field(default_factory=list)
-    eval_accuracy: list[tuple[int, float]] = field(default_factory=list)
+    eval_loss: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    eval_accuracy: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    benchmarks: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 def curve_points(log_history: list[dict[str, Any]], before: dict[str, Any] | None = None) -> CurvePoints:
@@ -406,39 +507,67 @@ def curve_points(log_history: list[dict[str, Any]], before: dict[str, Any] | Non
         step = entry.get("step")
         if "loss" in entry:
             points.train_loss.append((step, entry["loss"]))
-        if "eval_loss" in entry and step not in seen_evals:  # the final evaluation repeats the last one
-            seen_evals.add(step)
-            points.eval_loss.append((step, entry["eval_loss"]))
-            if "eval_accuracy" in entry:
-                points.eval_accuracy.append((step, entry["eval_accuracy"]))
+        if "eval_loss" not in entry or step in seen_evals:  # the final evaluation repeats the last one
+            continue
+        seen_evals.add(step)
+        sets = set_names(entry)
+        for name in (["all", *sets] if sets else ["validation"]):
+            prefix = f"eval_{name}" if sets and name != "all" else "eval"
+            points.eval_loss.setdefault(name, []).append((step, entry[f"{prefix}_loss"]))
+            if f"{prefix}_accuracy" in entry:
+                points.eval_accuracy.setdefault(name, []).append((step, entry[f"{prefix}_accuracy"]))
+        for key, value in entry.items():
+            if key.endswith("_acc_norm"):
+                points.benchmarks.setdefault(key[len("eval_"):-len("_acc_norm")], []).append((step, value))
     return points
 
 
 def write_curves(points: CurvePoints, path: Path) -> Path | None:
-    """Loss and accuracy against step, drawn with matplotlib's Agg canvas; None when matplotlib is missing."""
+    """Loss and accuracy against step (a line per held-out set), and each benchmark's acc_norm when it was scored
+    during training; drawn with matplotlib's Agg canvas. None when matplotlib is missing."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         logger.info("matplotlib is not installed: no %s (pip install 'igea[plots]')", CURVES_FILE)
         return None
-    figure = Figure(figsize=(10, 4), layout="constrained")
+    panels = 3 if points.benchmarks else 2
+    figure = Figure(figsize=(5 * panels, 4), layout="constrained")
     FigureCanvasAgg(figure)
-    loss_axes, accuracy_axes = figure.subplots(1, 2)
-    _plot(loss_axes, points.train_loss, "training", "o-C0")
-    _plot(loss_axes, points.eval_loss, "validation", "s-C1")
-    _plot(accuracy_axes, points.eval_accuracy, "validation", "s-C1")
-    for axes, name in ((loss_axes, "loss"), (accuracy_axes, "next-token accuracy")):
-        axes.set_xlabel("step")
-        axes.set_ylabel(name)
-        axes.grid(alpha=0.3)
-        if axes.has_data():
-            axes.legend()
+    axes = figure.subplots(1, panels)
+    _plot(axes[0], points.train_loss, "training", "o-", "C0")
+    styles = _set_styles(points.eval_loss)
+    for name, series in points.eval_loss.items():
+        _plot(axes[0], series, *styles[name])
+    for name, series in points.eval_accuracy.items():
+        _plot(axes[1], series, *styles[name])
+    names = [("loss", axes[0]), ("next-token accuracy", axes[1])]
+    if points.benchmarks:
+        for i, (task, series) in enumerate(points.benchmarks.items()):
+            _plot(axes[2], series, task, "d-", f"C{i % 10}")
+        names.append(("benchmark acc_norm", axes[2]))
+    for name, ax in names:
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize="small")
     figure.savefig(path, dpi=100)
     return path
 
 
-def _plot(axes, series: list[tuple[int, float]], label: str, style: str) -> None:
+def _set_styles(series: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+    """(label, marker style, colour) of each held-out series: the single set as before, several sets each in a
+    colour of their own and the total over them dashed grey."""
+    styles = {"validation": ("validation", "s-", "C1"), "all": ("all held-out", "--", "0.45")}
+    colours = iter(f"C{i}" for i in (1, 2, 3, 4, 5, 6, 8, 9) * 4)
+    for name in series:
+        if name not in styles:
+            styles[name] = (f"held-out: {name}", "s-", next(colours))
+    return styles
+
+
+def _plot(axes, series: list[tuple[int, float]], label: str, style: str, colour: str) -> None:
     if series:
         steps, values = zip(*series, strict=True)
-        axes.plot(steps, values, style, label=label, markersize=3)
+        axes.plot(steps, values, style, label=label, color=colour, markersize=3)

@@ -9,7 +9,8 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +19,25 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
+from datasets import Dataset
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 
 from igea.basemodel import base_model_path, load_tokenizer
-from igea.config import IgeaConfig
-from igea.data import BlockCollator, PreparedData, prepare_dataset, source_label
+from igea.config import (
+    HELD_OUT_METRICS,
+    TASK_METRICS,
+    EvalConfig,
+    IgeaConfig,
+    held_out_set_names,
+    source_name,
+    task_metric_key,
+)
+from igea.data import BlockCollator, PreparedData, mixture_used, prepare_dataset, report_mixture_plan
 from igea.errors import ConfigError, IgeaError
 from igea.lora import apply_lora, check_peft, save_adapter
-from igea.metrics import NextTokenMetrics, argmax_and_nll, perplexity
+from igea.metrics import NextTokenMetrics, argmax_and_nll, combined, perplexity
 from igea.modeling import load_causal_lm
 from igea.preemption import CheckpointOnStop, Preempted, stop_on_signals
 from igea.preflight import check_before_training, check_block_size
@@ -43,6 +53,7 @@ from igea.rundir import (
 )
 from igea.runstart import RunLock, RunStart, plan_run, start_record
 from igea.streaming import BlockStream
+from igea.tasks import MultipleChoiceTask, run_tasks
 from igea.tracking import attach_tracking, check_report_to
 
 logger = logging.getLogger(__name__)
@@ -154,7 +165,7 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     args = training_arguments(cfg)
     with main_process_first():  # one process builds the tiny model and the packed blocks, the others read
         tokenizer = load_tokenizer(cfg)  # builds the tiny model first when the config asks for one
-        check_before_training(cfg, tokenizer)
+        benchmarks = check_before_training(cfg, tokenizer)
         data = prepare_dataset(cfg, tokenizer)  # before the weights: a corpus problem shows up in seconds
     if PartialState().num_processes > 1 and "cache" in data.stats:  # the record shows who tokenized
         data.stats["cache_by_rank"] = gather_object([data.stats["cache"]])
@@ -164,13 +175,15 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     if cfg.data.packing == "documents":
         model.config.use_cache = False  # with a cache, restarting position_ids do not mask across documents
     metrics: dict[str, Any] = {"data": data.stats}
-    trainer = build_trainer(cfg, args, model, tokenizer, data)
+    trainer = build_trainer(cfg, args, model, tokenizer, data, benchmarks if cfg.eval.during_training else ())
+    if trainer.is_world_process_zero() and not cfg.data.streaming:
+        report_mixture_plan(data.stats["train"], planned_blocks(args, len(data.train)))
     if trainer.is_world_process_zero():
         built_for_this_run = (["base-model"] if cfg.model.tiny is not None else []) + (
             ["base-model-extended"] if cfg.model.extend_vocabulary is not None else [])
         start.begin(framework_versions(), keep=tuple(built_for_this_run))
     trainer.accelerator.wait_for_everyone()
-    if data.validation is not None and cfg.eval.before_training:
+    if data.validation_sets and cfg.eval.before_training:
         metrics["before"] = evaluate_before(trainer, cfg)
     checkpoint = start.checkpoint
     if checkpoint is not None:
@@ -191,9 +204,15 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
         metrics["train"] = train_output.metrics
     if trainer.sources:
         metrics["data"]["tokens_seen"] = trainer.tokens_seen_per_source()
-        logger.info("training tokens per source: %s", metrics["data"]["tokens_seen"])
-    if data.validation is not None:
+        used = metrics["data"]["mixture"] = mixture_used(data.stats["train"], metrics["data"]["tokens_seen"],
+                                                         cfg.data.block_size)
+        logger.info("trained per source: %s", "; ".join(
+            f"{name} {u['used']:,} blocks" + (f" of {u['blocks']:,} ({u['passes']:.2f} passes)" if u["blocks"] else "")
+            for name, u in used.items()))
+    if data.validation_sets:
         metrics["after"] = final_evaluation(trainer)
+    if args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+        metrics["best"] = best_checkpoint(trainer)
     result = save_run(trainer, cfg, metrics, start)
     if finish and trainer.is_world_process_zero():
         mark_finished(cfg, result)
@@ -214,8 +233,15 @@ def restore_finished_training(trainer: Trainer, checkpoint: Path) -> dict[str, A
     logger.info("%s is the last step of the run: nothing left to train, saving its results", checkpoint.name)
     trainer._load_from_checkpoint(str(checkpoint))
     trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
+        trainer._load_from_checkpoint(best)  # what the Trainer does at the end of training
     return {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
             "total_flos": trainer.state.total_flos}
+
+
+PHASE_KEYS = ("num_decay_steps", "num_stable_steps")
+"""`lr_scheduler_kwargs` of warmup_stable_decay that may be a share of the run's steps (a number below 1)."""
 
 
 class IgeaTrainer(Trainer):
@@ -226,16 +252,21 @@ class IgeaTrainer(Trainer):
       (resume verifies it and skips the others); old checkpoints are rotated out only after that;
     - with mixed corpora, the tokens each source supplied are counted (and kept across a resume);
     - a streamed corpus saves its position with every checkpoint (so a resume does not replay the stream);
-    - the eval loss is token-weighted, exact however the blocks were batched or spread over processes.
+    - the eval loss is token-weighted, exact however the blocks were batched or spread over processes;
+    - each held-out set is evaluated on its own, with the totals over all of them, in one log entry; the
+      benchmarks of `eval.tasks` too, when they are scored during training.
     """
 
     def __init__(self, *args: Any, stop_on_nonfinite_loss: bool = True, sources: list[str] | None = None,
-                 save_total_limit: int | None = None, **kwargs: Any) -> None:
+                 save_total_limit: int | None = None, benchmarks: Sequence[MultipleChoiceTask] = (),
+                 eval_config: EvalConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
         self.save_total_limit = save_total_limit  # applied by igea after the completion marker, not by the Trainer
         self.sources = sources or []
         self.source_tokens = torch.zeros(len(self.sources), dtype=torch.long)
+        self.benchmarks = list(benchmarks)
+        self.eval_config = eval_config or EvalConfig()
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         source = inputs.pop("source", None)
@@ -257,6 +288,66 @@ class IgeaTrainer(Trainer):
             return {}
         total = self.accelerator.reduce(self.source_tokens.to(self.accelerator.device), reduction="sum")
         return {name: int(n) for name, n in zip(self.sources, total.tolist(), strict=True)}
+
+    def evaluate(self, eval_dataset: Dataset | dict[str, Dataset] | None = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Evaluate every held-out set and log the results once.
+
+        Each named set gives `eval_<set>_loss`, `_accuracy`, `_perplexity` and `_tokens`; `eval_loss`,
+        `eval_accuracy` and `eval_tokens` are the token-weighted totals over all sets (with one set, its own
+        values), so `metric_for_best_model: eval_loss` means the same whatever the number of sets. The Trainer's
+        own `evaluate` would log each set as a separate entry, with no total.
+        """
+        sets = eval_dataset if eval_dataset is not None else self.eval_dataset
+        named = sets if isinstance(sets, dict) else {"": sets}
+        self._memory_tracker.start()
+        started = time.time()
+        per_set: dict[str, float] = {}
+        samples = 0
+        for name, dataset in named.items():
+            prefix = f"{metric_key_prefix}_{name}" if name else metric_key_prefix
+            # by name, the Trainer keeps one data loader per set when its workers persist
+            loader = self.get_eval_dataloader(name if name and eval_dataset is None else dataset)
+            output = self.evaluation_loop(loader, description=f"Evaluation {name}".strip(), ignore_keys=ignore_keys,
+                                          metric_key_prefix=prefix)
+            per_set.update(output.metrics)
+            samples += output.num_samples
+        groups = [metric_key_prefix] + [f"{metric_key_prefix}_{name}" for name in named if name]
+        if len(named) > 1:
+            per_set.update(totals(per_set, [name for name in named if name], metric_key_prefix))
+        per_set.update({f"{prefix}_perplexity": perplexity(per_set[f"{prefix}_loss"]) for prefix in groups})
+        order = [f"{prefix}_{metric}" for prefix in groups for metric in (*HELD_OUT_METRICS, "tokens")]
+        metrics = {key: per_set.pop(key) for key in order if key in per_set}  # the totals first, then each set
+        metrics.update(per_set)
+        if self.benchmarks:
+            metrics.update(self.score_benchmarks(metric_key_prefix))
+        batches = math.ceil(samples / (self.args.eval_batch_size * self.args.world_size))
+        metrics.update(speed_metrics(metric_key_prefix, started, num_samples=samples, num_steps=batches))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics
+
+    def score_benchmarks(self, prefix: str = "eval") -> dict[str, float]:
+        """acc and acc_norm of the current weights on each benchmark of `eval.tasks` (`eval_<task>_acc`, ...).
+
+        Every process scores them (all take part in a sharded model's forward passes) and gets the same numbers.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        scores = run_tasks(model, self.processing_class, self.benchmarks, self.eval_config)
+        model.train(was_training)
+        return {task_metric_key(name, metric).replace("eval_", f"{prefix}_", 1): score[metric]
+                for name, score in scores.items() for metric in TASK_METRICS}
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # warmup_stable_decay's phases may be given as shares of the run, as transformers 5 takes `warmup_steps`
+        kwargs = self.args.lr_scheduler_kwargs
+        if isinstance(kwargs, dict) and any(isinstance(kwargs.get(k), float) for k in PHASE_KEYS):
+            self.args.lr_scheduler_kwargs = {key: round(value * num_training_steps) if key in PHASE_KEYS
+                                             and isinstance(value, float) and value < 1 else value
+                                             for key, value in kwargs.items()}
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         # The Trainer's own eval loss averages per-batch means, which drifts when the last batch is padded
@@ -289,16 +380,21 @@ class IgeaTrainer(Trainer):
             self.source_tokens = torch.tensor([seen.get(name, 0) for name in self.sources], dtype=torch.long)
 
 
-def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, data: PreparedData) -> Trainer:
-    """igea's Trainer over the packed blocks, with next-token accuracy as its metric."""
+def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, data: PreparedData,
+                  benchmarks: Sequence[MultipleChoiceTask] = ()) -> Trainer:
+    """igea's Trainer over the packed blocks, with next-token accuracy as its metric, every held-out set evaluated
+    on its own, and `benchmarks` scored at every evaluation."""
+    sets = data.validation_sets
     trainer = IgeaTrainer(
         stop_on_nonfinite_loss=cfg.training.get("stop_on_nonfinite_loss", True),
         save_total_limit=cfg.training.get("save_total_limit"),
-        sources=[source_label(s) for s in cfg.data.sources] if len(cfg.data.sources) > 1 else None,
+        sources=[source_name(s) for s in cfg.data.sources] if len(cfg.data.sources) > 1 else None,
+        benchmarks=benchmarks,
+        eval_config=cfg.eval,
         model=model,
         args=args,
         train_dataset=data.train,
-        eval_dataset=data.validation,
+        eval_dataset=(dict(sets) if len(sets) > 1 else next(iter(sets.values()))) if sets else None,
         data_collator=BlockCollator(),
         processing_class=tokenizer,
         compute_metrics=NextTokenMetrics(),
@@ -313,6 +409,8 @@ def evaluate_before(trainer: Trainer, cfg: IgeaConfig) -> dict[str, float]:
     as long as the model and the data settings are those they were computed with."""
     path = cfg.output_dir / BEFORE_METRICS
     inputs = {"model": cfg.to_dict()["model"], "data": cfg.to_dict()["data"]}
+    if cfg.eval.during_training:  # the benchmarks are scored with the held-out sets
+        inputs["eval"] = cfg.to_dict()["eval"]
     saved = read_json(path) if path.is_file() else {}
     if saved.get("inputs") == json.loads(json.dumps(inputs, default=str)):
         return saved["metrics"]
@@ -326,21 +424,40 @@ def evaluate_before(trainer: Trainer, cfg: IgeaConfig) -> dict[str, float]:
 
 
 def final_evaluation(trainer: Trainer) -> dict[str, float]:
-    """Held-out metrics of the trained model: those of the evaluation at the last step when there was one
-    (the same weights, the same blocks), else a new evaluation."""
-    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    if evals and evals[-1].get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
-        metrics = {k: v for k, v in evals[-1].items() if k.startswith("eval_") or k == "epoch"}
-        metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
-        return metrics
+    """Held-out metrics of the final weights: those logged by the evaluation of the same weights when there was
+    one (at the last step, or at the best one when `load_best_model_at_end` restored it), else a new evaluation."""
+    state = trainer.state
+    step = state.best_global_step if trainer.args.load_best_model_at_end and state.best_model_checkpoint \
+        else state.global_step
+    evals = [entry for entry in state.log_history if "eval_loss" in entry and entry.get("step") == step]
+    if evals:
+        return {k: v for k, v in evals[-1].items() if k.startswith("eval_") or k == "epoch"}
     return evaluate_trainer(trainer)
 
 
 def evaluate_trainer(trainer: Trainer) -> dict[str, float]:
-    """Held-out loss, perplexity and next-token accuracy of the trainer's current model."""
-    metrics = trainer.evaluate()
-    metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
-    return metrics
+    """Held-out loss, perplexity and next-token accuracy of the trainer's current model (each set and in all)."""
+    return trainer.evaluate()
+
+
+def totals(metrics: dict[str, float], sets: list[str], prefix: str = "eval") -> dict[str, float]:
+    """The token-weighted loss and accuracy, and the tokens, of several held-out sets together, from each set's
+    own metrics (`eval_<set>_loss`, ...)."""
+    total = combined([{m: metrics[f"{prefix}_{name}_{m}"] for m in ("loss", "accuracy", "tokens")} for name in sets])
+    return {f"{prefix}_{key}": value for key, value in total.items()}
+
+
+def best_checkpoint(trainer: Trainer) -> dict[str, Any]:
+    """Which checkpoint `load_best_model_at_end` made the final weights, and why (for the run record and card)."""
+    state, args = trainer.state, trainer.args
+    metric = args.metric_for_best_model if args.metric_for_best_model.startswith("eval_") \
+        else f"eval_{args.metric_for_best_model}"
+    logger.info("the final weights are those of %s (step %d): the %s %s of the run, %.4f", Path(
+        state.best_model_checkpoint).name, state.best_global_step, "highest" if args.greater_is_better else "lowest",
+        metric, state.best_metric)
+    return {"checkpoint": Path(state.best_model_checkpoint).name, "step": state.best_global_step, "metric": metric,
+            "value": state.best_metric, "greater_is_better": bool(args.greater_is_better),
+            "last_step": state.global_step}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,6 +484,9 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
         section["max_steps"] = steps_for_budget(cfg.data.token_budget, cfg.data.block_size, section)
     if not has_validation(cfg):
         section["eval_strategy"] = "no"
+    metric = section.get("metric_for_best_model")
+    if metric is not None and section.get("greater_is_better") is None:  # transformers guesses from "loss" alone
+        section["greater_is_better"] = not metric.endswith(("loss", "perplexity"))
     if "disable_tqdm" not in section and not sys.stderr.isatty():
         section["disable_tqdm"] = True  # in a log file a progress bar is a redraw per step: log lines instead
     section.setdefault("batch_eval_metrics", True)
@@ -378,8 +498,15 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
         raise ConfigError(f"training: {str(err).strip().splitlines()[0]}") from None
 
 
+def planned_blocks(args: TrainingArguments, train_blocks: int) -> int:
+    """Blocks the run will train on: max_steps global batches, or num_train_epochs passes over the blocks."""
+    if args.max_steps > 0:
+        return args.max_steps * args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    return round(args.num_train_epochs * train_blocks)
+
+
 def has_validation(cfg: IgeaConfig) -> bool:
-    return cfg.data.validation_path is not None or bool(cfg.data.validation_split)
+    return bool(held_out_set_names(cfg.data))
 
 
 def world_size() -> int:
