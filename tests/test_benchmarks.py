@@ -120,3 +120,11 @@ def test_prepare_ranks_benchmark_shows_two_ranks_tokenize_once():
     assert (one["processes"], two["processes"]) == (1, 2)
     assert one["tokens"] == two["tokens"] and summary["tokenized_once"]
     assert summary["cpu_ratio"] == pytest.approx(two["cpu_s"] / one["cpu_s"], rel=1e-2)
+
+
+@needs_shared_data
+def test_held_out_sets_benchmark_gives_the_totals_of_their_union():
+    [result] = run_bench("bench_heldout_sets.py", "--quick")
+    assert result["same_totals"] and result["sets"] == 2
+    assert result["sets_s"] > 0 and result["union_s"] > 0
+    assert result["ratio"] == pytest.approx(result["sets_s"] / result["union_s"], rel=1e-2)

@@ -214,8 +214,8 @@ def test_results_rows_take_the_last_training_loss(tmp_path, tiny_model_dir, corp
 def test_curve_points_start_at_the_evaluation_before_training():
     points = curve_points(small_history(), before={"eval_loss": 4.0, "eval_accuracy": 0.0, "epoch": 0})
     assert points.train_loss == [(5, 2.75), (10, 2.5), (15, 2.25)]
-    assert points.eval_loss == [(0, 4.0), (1, 3.0), (10, 2.456789), (18, 2.2)]
-    assert points.eval_accuracy == [(0, 0.0), (1, 0.1), (10, 0.25), (18, 0.3)]
+    assert points.eval_loss == {"validation": [(0, 4.0), (1, 3.0), (10, 2.456789), (18, 2.2)]}
+    assert points.eval_accuracy == {"validation": [(0, 0.0), (1, 0.1), (10, 0.25), (18, 0.3)]}
 
 
 def test_without_matplotlib_the_card_says_so(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
@@ -302,6 +302,6 @@ def test_card_of_a_mixed_run_shows_blocks_sources_and_tokens_seen(tmp_path, tiny
     assert all(line.split(":", 1)[1].strip() for line in bullets), bullets  # no empty bullet
     train = next(line for line in bullets if line.startswith("- train: "))
     blocks = result.metrics["data"]["train"]["blocks"]
-    assert f"{blocks:,} blocks ({blocks * 64:,} tokens) mixed from a.txt: " in train and "; b.txt: " in train
+    assert f"{blocks:,} blocks ({blocks * 64:,} tokens) mixed from a: " in train and "; b: " in train
     seen = next(line for line in bullets if line.startswith("- tokens trained on, per source: "))
-    assert f"a.txt {result.metrics['data']['tokens_seen']['a.txt']:,} (" in seen
+    assert f"a {result.metrics['data']['tokens_seen']['a']:,} (" in seen

@@ -1,0 +1,158 @@
+"""Mixtures that mean what they say: `data.mix` decides what an epoch of weighted sources is, the counts are exact,
+shares follow the weights in any window of the training stream, and what each source gave is reported."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoModelForCausalLM
+
+import igea
+from igea.basemodel import load_tokenizer
+from igea.config import sample_corpus_path
+from igea.data import mixture_plan, prepare_dataset, report_mixture_plan
+from igea.train import build_trainer, training_arguments
+
+from conftest import make_config
+
+BLOCK = 64
+
+
+@pytest.fixture(scope="module")
+def halves(tmp_path_factory):
+    """The demo's sample corpus cut in two halves by documents (as the issue's user did)."""
+    lines = [line for line in Path(sample_corpus_path()).read_text(encoding="utf-8").splitlines() if line.strip()]
+    folder = tmp_path_factory.mktemp("halves")
+    first, second = folder / "first.txt", folder / "second.txt"
+    first.write_text("\n".join(lines[:200]) + "\n", encoding="utf-8")
+    second.write_text("\n".join(lines[200:]) + "\n", encoding="utf-8")
+    return first, second
+
+
+def mixture(tmp_path, model_dir, halves, weights, **data):
+    sources = [{"path": str(halves[0]), "weight": weights[0], "label": "domain"},
+               {"path": str(halves[1]), "weight": weights[1], "label": "general"}]
+    cfg = make_config(tmp_path, model_dir, halves[0], data={"path": None, "sources": sources, "validation_split": 0,
+                                                             "block_size": BLOCK, **data})
+    return cfg, prepare_dataset(cfg, load_tokenizer(cfg))
+
+
+def composition(train) -> dict[int, Counter]:
+    """How often each block (by its token ids) of each source appears in one epoch of the mixture."""
+    seen: dict[int, Counter] = {0: Counter(), 1: Counter()}
+    for row in train:
+        seen[row["source"]][tuple(row["input_ids"])] += 1
+    return seen
+
+
+@pytest.mark.parametrize("weights", [(0.2, 0.8), (0.5, 0.5), (0.8, 0.2)])
+def test_primary_an_epoch_is_one_pass_over_the_first_source_and_the_others_start_over(tiny_model_dir, halves,
+                                                                                     tmp_path, weights):
+    cfg, data = mixture(tmp_path, tiny_model_dir, halves, weights)
+    sources = data.stats["train"]["sources"]
+    n0, n1 = sources["domain"]["blocks"], sources["general"]["blocks"]
+    seen = composition(data.train)
+    assert sorted(seen[0].values()) == [1] * n0  # every block of the first source exactly once
+    drawn = round(n0 / weights[0] * weights[1])
+    assert sum(seen[1].values()) == drawn == sources["general"]["drawn"]
+    full, rest = divmod(drawn, n1)
+    assert len(seen[1]) == min(drawn, n1)  # a repeated source: every block; a subsampled one: distinct blocks
+    assert set(seen[1].values()) <= {full, full + 1}  # passes over it, each block at most once more than another
+    assert sources["general"]["passes"] == pytest.approx(drawn / n1)
+    assert len(data.train) == n0 + drawn == data.stats["train"]["blocks"]
+    assert data.stats["train"]["mix"] == "primary"
+
+
+def test_first_exhausted_repeats_nothing_and_all_exhausted_sees_everything(tiny_model_dir, halves, tmp_path):
+    _, first = mixture(tmp_path / "first", tiny_model_dir, halves, (0.5, 0.5), mix="first_exhausted")
+    _, every = mixture(tmp_path / "all", tiny_model_dir, halves, (0.5, 0.5), mix="all_exhausted")
+    sizes = [first.stats["train"]["sources"][name]["blocks"] for name in ("domain", "general")]
+    shortest = min(sizes)
+    seen = composition(first.train)
+    assert all(set(c.values()) == {1} for c in seen.values())
+    assert [sum(c.values()) for c in seen.values()] == [shortest, shortest]
+    seen = composition(every.train)
+    assert [len(c) for c in seen.values()] == sizes  # every block of every source
+    assert [sum(c.values()) for c in seen.values()] == [max(sizes)] * 2
+
+
+def test_a_token_budget_sizes_the_mixture(tiny_model_dir, halves, tmp_path):
+    budget = 100_000
+    _, data = mixture(tmp_path, tiny_model_dir, halves, (0.9, 0.1), token_budget=budget)
+    blocks = math.ceil(budget / BLOCK)
+    counts = Counter(data.train["source"])
+    assert counts[0] + counts[1] == pytest.approx(blocks, abs=1) and counts[1] == round(blocks * 0.1)
+    assert data.stats["train"]["mix"] == "token_budget"
+
+
+def test_shares_in_every_window_of_the_training_stream_follow_the_weights(tiny_model_dir, halves, tmp_path):
+    """The sources as the Trainer feeds them (its own shuffle included): every window of 64 blocks holds the
+    second source within 4 standard deviations of a binomial draw at its weight."""
+    cfg, data = mixture(tmp_path, tiny_model_dir, halves, (0.7, 0.3))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = build_trainer(cfg, training_arguments(cfg), model, load_tokenizer(cfg), data)
+    order = [int(s) for batch in trainer.get_train_dataloader() for s in batch["source"]]
+    assert len(order) == len(data.train)
+    window, p = 64, 0.3
+    bound = 4 * math.sqrt(window * p * (1 - p))
+    counts = np.convolve(np.asarray(order) == 1, np.ones(window, dtype=int), mode="valid")
+    assert len(counts) > 100 and np.abs(counts - window * p).max() <= bound
+
+
+def test_streamed_shares_follow_the_weights_and_the_first_source_is_read_through(tiny_model_dir, halves, tmp_path):
+    _, blocks = mixture(tmp_path / "map", tiny_model_dir, halves, (0.5, 0.5))
+    n0, n1 = (blocks.stats["train"]["sources"][name]["blocks"] for name in ("domain", "general"))
+    _, data = mixture(tmp_path, tiny_model_dir, halves, (0.5, 0.5), streaming=True, shuffle_buffer=16)
+    stream = data.train
+    rows = list(islice(stream, 3000))
+    window, p = 64, 0.5
+    counts = np.convolve(np.asarray([r["source"] for r in rows]) == 1, np.ones(window, dtype=int), mode="valid")
+    assert np.abs(counts - window * p).max() <= 4 * math.sqrt(window * p * (1 - p))
+    first_epoch = rows[: round(2 * n0 * 0.9)]  # well inside the first epoch: the first source is not through yet
+    assert json.loads(json.dumps(stream.position_after(len(first_epoch))))["epoch"] == 0
+    domain = [tuple(r["input_ids"]) for r in first_epoch if r["source"] == 0]
+    general = [tuple(r["input_ids"]) for r in first_epoch if r["source"] == 1]
+    assert len(set(domain)) == len(domain)  # no block of the first source twice in its epoch
+    assert len(general) > n1 and len(set(general)) == n1  # the shorter source started over, the epoch went on
+    assert stream.position_after(len(first_epoch))["sources"][1]["passes"] >= 1
+
+
+def test_a_mixture_that_leaves_out_or_repeats_a_source_says_so(tiny_model_dir, halves, tmp_path, caplog):
+    _, mostly_domain = mixture(tmp_path / "a", tiny_model_dir, halves, (0.8, 0.2))
+    _, mostly_general = mixture(tmp_path / "b", tiny_model_dir, halves, (0.2, 0.8))
+    with caplog.at_level("INFO", logger="igea.data"):
+        report_mixture_plan(mostly_domain.stats["train"], len(mostly_domain.train))  # one epoch
+        report_mixture_plan(mostly_general.stats["train"], 3 * len(mostly_general.train))  # three epochs
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    plan = mixture_plan(mostly_domain.stats["train"], len(mostly_domain.train))
+    assert warnings[0] == (f"data.sources: 'general' would be trained on only {100 * plan['general']['seen']:.0f}% "
+                           f"of its {plan['general']['blocks']:,} blocks; raise its weight, train longer, or set "
+                           "data.mix (primary now)")
+    repeated = mixture_plan(mostly_general.stats["train"], 3 * len(mostly_general.train))["general"]
+    assert repeated["passes"] > 4 and warnings[1].startswith(
+        f"data.sources: each block of 'general' would be trained on {repeated['passes']:.1f} times")
+    assert len(warnings) == 2
+
+
+def test_a_mixed_run_reports_blocks_available_used_and_passes(tiny_model_dir, halves, tmp_path):
+    sources = [{"path": str(halves[0]), "weight": 0.5, "label": "domain"},
+               {"path": str(halves[1]), "weight": 0.5, "label": "general"}]
+    cfg = make_config(tmp_path, tiny_model_dir, halves[0], training={"max_steps": 8, "eval_steps": 8,
+                                                                      "save_steps": 8},
+                      data={"path": None, "sources": sources, "validation_split": 0, "block_size": BLOCK})
+    result = igea.run(cfg)
+    used = result.metrics["data"]["mixture"]
+    assert sum(u["used"] for u in used.values()) == 8 * 4
+    for name, u in used.items():
+        assert u["used"] == result.metrics["data"]["tokens_seen"][name] // BLOCK
+        assert u["passes"] == pytest.approx(u["used"] / u["blocks"])
+        assert u["blocks"] == result.metrics["data"]["train"]["sources"][name]["blocks"]
+    card = (cfg.output_dir / "README.md").read_text(encoding="utf-8")
+    g = used["general"]
+    assert f"general: {g['blocks']:,} blocks, {g['used']:,} used, {g['passes']:.1f} passes" in card
