@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Mistral + BPE tokenizer built locally, and small corpora on disk."""
+"""Shared fixtures: a tiny Mistral + BPE tokenizer built locally, small corpora on disk, and tiny models with real
+models' traits (build_trait_model)."""
 
 from __future__ import annotations
 

@@ -64,8 +64,8 @@ def load_pretrained(
     if looks_local(path) and not Path(path).is_dir():
         raise IgeaError(f"cannot load model '{path}': no such directory")
     if Path(path).is_dir() and not has_tokenizer_files(path):
-        raise IgeaError(f"cannot load model '{path}': {no_tokenizer(path)}; copy the tokenizer files of the model "
-                        "it was trained from into it")
+        raise IgeaError(f"cannot load model: {no_tokenizer(path)}; copy the tokenizer files of the model it was "
+                        "trained from into it")
     model_cfg = ModelConfig(name_or_path=path, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = from_pretrained_or_explain(AutoTokenizer, path, model_cfg)
     model = load_causal_lm(path, model_cfg)
