@@ -203,6 +203,17 @@ def test_a_checkpoint_without_tokenizer_is_one_line_naming_model_tokenizer(bare_
                        "copy the tokenizer files of the model it was trained from into it\n")
 
 
+def test_a_tokenizer_config_without_tokenizer_json_is_one_line(bare_checkpoint, files, capsys):
+    bare, _ = bare_checkpoint
+    partial = files["root"] / "partial"
+    shutil.copytree(bare, partial)
+    (partial / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert main(["generate", str(partial), PROMPT]) == 2
+    assert capsys.readouterr().err == (
+        f"igea: error: cannot load the tokenizer of '{partial}': it has no tokenizer.json, nor a slow tokenizer's "
+        "files to convert (with sentencepiece or tiktoken installed)\n")
+
+
 def test_model_tokenizer_trains_a_bare_checkpoint_and_the_run_directory_keeps_it(bare_checkpoint, files, one_thread):
     bare, tokenizer_dir = bare_checkpoint
     config = bare_config(files, bare, "with-tokenizer", tokenizer=str(tokenizer_dir))
