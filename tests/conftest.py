@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Mistral + BPE tokenizer built locally, and small corpora on disk."""
+"""Shared fixtures: a tiny Mistral + BPE tokenizer built locally, small corpora on disk, and tiny models with real
+models' traits (build_trait_model)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,99 @@ def train_until_first_checkpoint(cfg: igea.IgeaConfig, monkeypatch) -> None:
     with pytest.raises(Interrupted):
         igea.train(cfg)
     monkeypatch.setattr(trainer_class, "_save_checkpoint", original)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real models' traits, each on a tiny model built locally (tests/test_real_models.py)
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for the module: a model this small trains several times faster than on two threads
+    that other processes compete for (results are equal within the module, which is all its tests compare)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TRAIT_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 256}
+"""Two layers, hidden 32: each trait's model trains a step in milliseconds."""
+
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}</s>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def sentencepiece_tokenizer(texts: list[str], vocab_size: int):
+    """A Llama-2/Mistral-style tokenizer: SentencePiece-like BPE (`▁` marks a word's start, bytes fall back to
+    <0xNN>), <unk> <s> </s> at ids 0-2, no pad token, and a post-processor that adds <s> to every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        show_progress=False))
+    spec = json.loads(core.to_str())["model"]
+    return LlamaTokenizer(vocab=spec["vocab"], merges=[tuple(m) for m in spec["merges"]], add_bos_token=True)
+
+
+def spread_vocabulary(tokenizer, size: int):
+    """`tokenizer` with unused tokens at ids 0 .. size-1 and its own tokens after them: a vocabulary over `size`
+    whose every real token id is above it (as Llama-3's 128k ids are above 65,535)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    spec["model"]["vocab"] = {**{f"<unused{i}>": i for i in range(size)}, **{t: i + size for t, i in vocab.items()}}
+    for added in spec["added_tokens"]:
+        added["id"] += size
+    special = {key: getattr(tokenizer, key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    spread = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), **special)
+    spread.model_max_length = tokenizer.model_max_length
+    return spread
+
+
+def save_tiny_llm(out: Path, tokenizer, model_type: str = "llama", **config) -> Path:
+    """A randomly initialised tiny Llama or Mistral (TRAIT_SHAPE, then `config`) with `tokenizer`, saved as a
+    plain model directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {**TRAIT_SHAPE, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **config}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+TRAITS = ("tied", "bytelevel", "bos", "vocab70k", "sliding_window")
+"""tied: input and output embeddings share one matrix, byte-level BPE and a chat template (SmolLM, Llama-3.2-1B,
+Qwen2.5, Gemma); bytelevel: igea's own tiny Mistral (byte-level BPE, `Ġ`, untied); bos: a SentencePiece-style
+`▁` tokenizer that adds <s> itself (Llama-2, Mistral); vocab70k: 70,000+ tokens, every real id above 65,535
+(Llama-3's 128k); sliding_window: a Mistral attending to the last 16 positions only."""
+
+
+def build_trait_model(trait: str, texts: list[str], out: Path) -> Path:
+    """The tiny model of one of TRAITS, its tokenizer trained on `texts`, saved in `out`."""
+    if trait == "bytelevel":
+        return igea.build_tiny_model(texts, TinyModelConfig(vocab_size=400, **TRAIT_SHAPE), out)
+    if trait == "bos":
+        return save_tiny_llm(out, sentencepiece_tokenizer(texts, 600))
+    from igea.modeling import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(texts, 400)
+    if trait == "tied":
+        tokenizer.chat_template = CHAT_TEMPLATE
+        return save_tiny_llm(out, tokenizer, tie_word_embeddings=True)
+    if trait == "vocab70k":
+        return save_tiny_llm(out, spread_vocabulary(tokenizer, 70_000))
+    if trait == "sliding_window":
+        return save_tiny_llm(out, tokenizer, "mistral", sliding_window=16)
+    raise ValueError(trait)

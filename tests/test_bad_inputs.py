@@ -39,6 +39,7 @@ def remote_code_model(tmp: Path) -> str:
     target.mkdir()
     auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
     (target / "config.json").write_text(json.dumps({"model_type": "igea_custom", "auto_map": auto_map}))
+    (target / "tokenizer_config.json").write_text("{}")  # a model directory without a tokenizer fails before
     for name in ("configuration_x.py", "modeling_x.py"):
         (target / name).write_text("raise SystemExit('remote code ran')\n")
     return str(target)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
+import warnings
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from igea.modeling import load_pretrained
 from igea.report import write_report
 from igea.rundir import RUN_MARKER
 
-from conftest import config_dict, make_config, train_until_first_checkpoint, write_config
+from conftest import build_trait_model, config_dict, make_config, train_until_first_checkpoint, write_config
 
 train_module = importlib.import_module("igea.train")
 
@@ -168,3 +170,93 @@ def test_missing_peft_is_one_line_naming_the_extra(tiny_model_dir, corpus_file, 
     err = capsys.readouterr().err
     assert err == 'igea: error: the peft: section needs the peft package: pip install "igea[lora]"\n'
     assert not (tmp_path / "run").exists()  # not even the tiny base model was built
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tied input and output embeddings (SmolLM, Llama-3.2-1B, Qwen2.5, Gemma)
+
+TIED_LORA = {"r": 4, "modules_to_save": ["embed_tokens", "lm_head"]}
+TIED_STEPS = {**STEPS, "max_steps": 4, "save_steps": 2, "eval_steps": 4, "logging_steps": 2,
+              "per_device_train_batch_size": 2}
+TIED_DATA = {"block_size": 32, "validation_split": 2}
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory, corpus_file):
+    return build_trait_model("tied", corpus_file.read_text(encoding="utf-8").splitlines(),
+                             tmp_path_factory.mktemp("tied") / "model")
+
+
+@pytest.fixture(scope="module")
+def tied_lora_run(tied_model_dir, corpus_file, tmp_path_factory, one_thread):
+    cfg = make_config(tmp_path_factory.mktemp("tied-lora"), tied_model_dir, corpus_file, peft=TIED_LORA,
+                      training=TIED_STEPS, data=TIED_DATA)
+    return train_module.train(cfg)
+
+
+@pytest.mark.slow
+def test_tied_embeddings_stay_tied_and_count_once(tied_lora_run, tied_model_dir):
+    out = tied_lora_run.output_dir
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    base, merged = load_file(tied_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert merged.keys() == base.keys() and "lm_head.weight" not in merged  # one matrix, as in the base
+    assert (out / "model.safetensors").stat().st_size == (tied_model_dir / "model.safetensors").stat().st_size
+    assert not torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # it trained
+
+    loaded, _ = load_pretrained(str(out), device="cpu")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tied_model_dir),
+                                        str(out / ADAPTER_DIR), is_trainable=True)
+    ids = tokens(length=16) % 390
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, adapted.eval()(ids).logits, atol=1e-5, rtol=0)
+
+    embedding = base["model.embed_tokens.weight"].numel()
+    lora = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
+    adapter = tied_lora_run.metrics["adapter"]
+    assert adapter["trainable_parameters"] == lora + embedding  # the shared matrix once
+    assert adapter["trainable_parameters"] == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert adapter["base_parameters"] == sum(t.numel() for t in base.values())
+    card = write_report(out).read_text()
+    assert f"trained in full: embed_tokens, lm_head. Trainable parameters: {lora + embedding:,} (" in card
+
+
+def test_naming_one_of_a_tied_pair_trains_both_as_one_without_peft_warnings(tied_model_dir, corpus_file, tmp_path,
+                                                                            caplog):
+    cfg = make_config(tmp_path, tied_model_dir, corpus_file, peft={"r": 4, "modules_to_save": ["lm_head"]})
+    caplog.set_level(logging.INFO, logger="igea")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_lora(AutoModelForCausalLM.from_pretrained(tied_model_dir), cfg)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.add_(1.0)  # stands for training the shared matrix
+            adapted = model(tokens(length=8) % 390).logits
+        merged = model.merge_and_unload()
+    assert [str(w.message) for w in caught if "tie" in str(w.message).lower()] == []
+    assert cfg.peft.modules_to_save == ["lm_head"]  # peft edits the list it is given: not the config's
+    assert "embed_tokens and lm_head share one matrix in this model (tied embeddings)" in caplog.text
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight and merged.config.tie_word_embeddings
+    with torch.no_grad():
+        assert torch.allclose(merged(tokens(length=8) % 390).logits, adapted, atol=1e-5, rtol=0)
+
+
+def test_an_adapter_on_a_tied_pair_is_one_config_error(tied_model_dir, corpus_file, tmp_path, capsys):
+    config = write_config(tmp_path, "tied", tied_model_dir, corpus_file)
+    assert main(["train", str(config), "peft.target_modules=[q_proj, lm_head]"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("igea: error: peft.target_modules: 'lm_head' shares its matrix with 'embed_tokens' in this model "
+                   "(tied embeddings), and peft merges an adapter there twice; train the pair in full instead: "
+                   "peft.modules_to_save: [embed_tokens, lm_head]\n")
+    assert not (tmp_path / "tied").exists()
+
+
+@pytest.mark.slow
+def test_tied_resume_after_a_checkpoint_is_bit_identical(tied_lora_run, tied_model_dir, corpus_file, tmp_path,
+                                                         monkeypatch, one_thread):
+    cfg = make_config(tmp_path, tied_model_dir, corpus_file, peft=TIED_LORA, training=TIED_STEPS, data=TIED_DATA)
+    train_until_first_checkpoint(cfg, monkeypatch)
+    resumed = train_module.train(cfg, resume=True)
+    for name in ("model.safetensors", f"{ADAPTER_DIR}/adapter_model.safetensors"):
+        want, got = load_file(tied_lora_run.output_dir / name), load_file(resumed.output_dir / name)
+        assert want.keys() == got.keys()
+        assert all(torch.equal(want[k], got[k]) for k in want), name

@@ -4,11 +4,17 @@ a copy of either with a domain vocabulary (`model.extend_vocabulary`). What `ige
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from igea.config import IgeaConfig
-from igea.errors import IgeaError
-from igea.modeling import configured_model_path, ensure_tiny_model, from_pretrained_or_explain, load_causal_lm
+from igea.errors import ConfigError, IgeaError
+from igea.modeling import (
+    auto_tokenizer,
+    configured_model_path,
+    ensure_tiny_model,
+    from_pretrained_or_explain,
+    load_causal_lm,
+)
 from igea.vocab import ensure_extended_model
 
 
@@ -22,11 +28,17 @@ def base_model_path(cfg: IgeaConfig) -> str:
 
 
 def load_tokenizer(cfg: IgeaConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer of the base model; it must define an EOS token to mark document boundaries."""
+    """The tokenizer of the base model (or `model.tokenizer`); it must define an EOS token to mark document
+    boundaries, and give no id beyond the model's embeddings."""
     source = base_model_path(cfg)
-    tokenizer = from_pretrained_or_explain(AutoTokenizer, source, cfg.model)
+    tokenizer = auto_tokenizer(source, cfg.model)
     if tokenizer.eos_token_id is None:
         raise IgeaError(f"tokenizer of '{source}' has no EOS token; igea needs one to separate documents")
+    if cfg.model.tokenizer is not None and source == cfg.model.name_or_path:
+        rows = getattr(from_pretrained_or_explain(AutoConfig, source, cfg.model), "vocab_size", None)
+        if rows is not None and len(tokenizer) > rows:
+            raise ConfigError(f"model.tokenizer: '{cfg.model.tokenizer}' has {len(tokenizer):,} tokens, more than "
+                              f"the {rows:,} embeddings of '{source}'; is it the tokenizer the model was trained with?")
     return tokenizer
 
 

@@ -146,6 +146,21 @@ class ExtendVocabularyConfig(Section):
             resolve_local_files(self.corpus, f"{self.KEY}.corpus")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+"""A model directory with a tokenizer holds at least one of these; a bare checkpoint of a trainer holds none."""
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Does a model directory hold a tokenizer (checked before loading, whose own error is cut off)?"""
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def no_tokenizer(directory: str) -> str:
+    """The words for a directory without tokenizer files."""
+    return f"directory '{directory}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+
+
 @dataclass
 class ModelConfig(Section):
     """The base model: a hub id or a local directory, or a tiny Mistral built on the fly."""
@@ -155,6 +170,7 @@ class ModelConfig(Section):
     name_or_path: str | None = None
     tiny: TinyModelConfig | None = None
     extend_vocabulary: ExtendVocabularyConfig | None = None
+    tokenizer: str | None = None  # hub id or directory; default: the model's own (as run_clm's --tokenizer_name)
     revision: str | None = None
     dtype: str = "auto"
     attn_implementation: str | None = None
@@ -167,6 +183,17 @@ class ModelConfig(Section):
             raise ConfigError("model: set exactly one of 'model.name_or_path' (hub id or directory) and 'model.tiny'")
         if self.name_or_path is not None and looks_local(self.name_or_path) and not Path(self.name_or_path).is_dir():
             raise ConfigError(f"model.name_or_path: directory '{self.name_or_path}' does not exist")
+        if self.tokenizer is None:
+            if self.name_or_path is not None and Path(self.name_or_path).is_dir() and \
+                    not has_tokenizer_files(self.name_or_path):
+                raise ConfigError(f"model.name_or_path: {no_tokenizer(self.name_or_path)}; set model.tokenizer to "
+                                  "the hub id or directory of its tokenizer")
+        elif self.tiny is not None:
+            raise ConfigError("model.tokenizer: not with model.tiny, which trains its own tokenizer on the corpus")
+        elif looks_local(self.tokenizer) and not Path(self.tokenizer).is_dir():
+            raise ConfigError(f"model.tokenizer: directory '{self.tokenizer}' does not exist")
+        elif Path(self.tokenizer).is_dir() and not has_tokenizer_files(self.tokenizer):
+            raise ConfigError(f"model.tokenizer: {no_tokenizer(self.tokenizer)}")
 
 
 @dataclass

@@ -6,6 +6,11 @@ weights frozen. Its directory stays a plain model directory: the merged weights 
 (`peft.PeftModel.from_pretrained(base_model, "RUN/adapter")`). With `peft.merge: false` the adapter files are at
 the top instead, and transformers loads them on top of the base model named in `adapter_config.json`.
 Checkpoints hold the adapter only; the Trainer reloads it on `--resume`.
+
+A model whose input embeddings and LM head share one matrix (tied embeddings: SmolLM, Llama-3.2-1B, Qwen2.5,
+Gemma) keeps it shared: naming either of the pair in `modules_to_save` trains the one matrix in full, as both,
+and the merged model stays tied (peft's `ensure_weight_tying`). An adapter on either of the pair
+(`target_modules`) is refused: peft 0.21 merges it twice into the shared matrix.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ def apply_lora(model: PreTrainedModel, cfg: IgeaConfig):
     adapter_config.base_model_name_or_path = str(Path(base).resolve()) if looks_local(base) else base
     adapter_config.revision = cfg.model.revision
     summary = adapter_summary(peft_model, cfg.peft)
+    if summary["tied_embeddings"]:
+        logger.info("%s share one matrix in this model (tied embeddings): peft.modules_to_save trains it in full, "
+                    "once, as both, and the merged model keeps them tied", " and ".join(summary["tied_embeddings"]))
     logger.info("%s adapters (rank %d) on %s: %s trainable parameters, %.2f%% of the base model's %s",
                 summary["method"], summary["r"], ", ".join(summary["target_modules"]),
                 f"{summary['trainable_parameters']:,}", 100 * summary["trainable_share"],
@@ -79,9 +87,23 @@ def wrap(model: PreTrainedModel, settings: AdapterConfig):
     targets = ALL_LINEAR if settings.target_modules == [ALL_LINEAR] else settings.target_modules
     check_module_names(model, "peft.target_modules", [] if targets == ALL_LINEAR else targets)
     check_module_names(model, "peft.modules_to_save", settings.modules_to_save)
+    modules_to_save = list(settings.modules_to_save)  # a copy: peft edits the list it is given
+    tied = tied_embeddings(model)
+    leaves = [name.rsplit(".", 1)[-1] for name in tied]
+    for i, name in enumerate(tied if targets != ALL_LINEAR else ()):
+        adapted = [wanted for wanted in targets if matches(name, wanted)]
+        if adapted:
+            raise ConfigError(
+                f"peft.target_modules: {adapted[0]!r} shares its matrix with {leaves[1 - i]!r} in this model (tied "
+                "embeddings), and peft merges an adapter there twice; train the pair in full instead: "
+                f"peft.modules_to_save: [{', '.join(leaves)}]")
+    shared = any(matches(name, wanted) for name in tied for wanted in modules_to_save)
+    if shared:  # both of the pair, so that peft ties them whichever one was named
+        modules_to_save = [m for m in modules_to_save if not any(matches(n, m) for n in tied)] + list(tied)
     lora_config = LoraConfig(
         task_type="CAUSAL_LM", r=settings.r, lora_alpha=lora_alpha(settings), lora_dropout=settings.dropout,
-        target_modules=targets, modules_to_save=settings.modules_to_save or None, use_dora=settings.use_dora,
+        target_modules=targets, modules_to_save=modules_to_save or None, use_dora=settings.use_dora,
+        ensure_weight_tying=shared,
     )
     try:
         return get_peft_model(model, lora_config)
@@ -99,25 +121,46 @@ def check_module_names(model: torch.nn.Module, key: str, names: list[str]) -> No
     `modules_to_save` silently)."""
     modules = [name for name, _ in model.named_modules() if name]
     for wanted in names:
-        if not any(name == wanted or name.endswith("." + wanted) for name in modules):
+        if not any(matches(name, wanted) for name in modules):
             leaves = sorted({name.rsplit(".", 1)[-1] for name in modules})
             close = difflib.get_close_matches(wanted.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"the model has: {', '.join(leaves)}"
             raise ConfigError(f"{key}: no module named {wanted!r} in the model; {hint}")
 
 
+def matches(module: str, wanted: str) -> bool:
+    """Does a `target_modules` / `modules_to_save` entry name this module (its last part(s), as peft matches)?"""
+    return module == wanted or module.endswith("." + wanted)
+
+
+def tied_embeddings(model: torch.nn.Module) -> tuple[str, str] | tuple[()]:
+    """The names of the input embeddings and the LM head when they share one matrix, else ()."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or outputs.weight is not inputs.weight:
+        return ()
+    names = {module: name for name, module in model.named_modules()}
+    return names[inputs], names[outputs]
+
+
 def adapter_summary(peft_model, settings: AdapterConfig) -> dict[str, Any]:
-    """What is trained: method, rank, modules, and trainable parameters against the base model's (for the card)."""
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    """What is trained: method, rank, modules, and trainable parameters against the base model's (for the card).
+
+    A matrix that tied embeddings share is counted once, and both of its names are listed as trained in full.
+    """
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)  # each shared parameter once
     base = sum(p.numel() for p in peft_model.parameters()) - trainable
     adapter_config = peft_model.peft_config["default"]  # holds the names peft matched (all-linear expanded)
+    in_full = list(settings.modules_to_save)
+    tied = tied_embeddings(peft_model.get_base_model()) if adapter_config.ensure_weight_tying else ()
+    in_full += [name.rsplit(".", 1)[-1] for name in tied if not any(matches(name, m) for m in in_full)]
     return {
         "method": "DoRA" if settings.use_dora else "LoRA",
         "r": settings.r,
         "alpha": lora_alpha(settings),
         "dropout": settings.dropout,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in adapter_config.target_modules}),
-        "modules_to_save": list(settings.modules_to_save),
+        "modules_to_save": in_full,
+        "tied_embeddings": [name.rsplit(".", 1)[-1] for name in tied],
         "trainable_parameters": trainable,
         "base_parameters": base,
         "trainable_share": trainable / base,

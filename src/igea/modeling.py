@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from igea.config import IgeaConfig, ModelConfig, TinyModelConfig, looks_local
+from igea.config import IgeaConfig, ModelConfig, TinyModelConfig, has_tokenizer_files, looks_local, no_tokenizer
 from igea.data import read_documents
 from igea.errors import ConfigError, IgeaError
 from igea.hub import hub_reachable
@@ -63,6 +63,9 @@ def load_pretrained(
         raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of auto, {', '.join(DTYPES)}")
     if looks_local(path) and not Path(path).is_dir():
         raise IgeaError(f"cannot load model '{path}': no such directory")
+    if Path(path).is_dir() and not has_tokenizer_files(path):
+        raise IgeaError(f"cannot load model: {no_tokenizer(path)}; copy the tokenizer files of the model it was "
+                        "trained from into it")
     model_cfg = ModelConfig(name_or_path=path, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = from_pretrained_or_explain(AutoTokenizer, path, model_cfg)
     model = load_causal_lm(path, model_cfg)
@@ -79,6 +82,17 @@ def to_device(model: PreTrainedModel, device: str | None) -> PreTrainedModel:
         raise ConfigError(f"device: {device!r} cannot be used: {reason}") from None
 
 
+def auto_tokenizer(source: str, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer for the model at `source`: `model.tokenizer` when it is set for this model (a checkpoint
+    saved without its tokenizer), at its main revision, else the model's own."""
+    if model_cfg.tokenizer is None or source != model_cfg.name_or_path:
+        return from_pretrained_or_explain(AutoTokenizer, source, model_cfg)
+    try:
+        return from_pretrained_or_explain(AutoTokenizer, model_cfg.tokenizer, model_cfg, revision=None)
+    except IgeaError as err:
+        raise IgeaError(f"model.tokenizer: {err}") from err
+
+
 def model_context_length(source: str, model_cfg: ModelConfig) -> int | None:
     """The longest sequence the model's positions allow, read from its config alone (no weights)."""
     config = from_pretrained_or_explain(AutoConfig, source, model_cfg)
@@ -92,11 +106,13 @@ def from_pretrained_or_explain(loader, source: str, model_cfg: ModelConfig, **kw
     """
     if not Path(source).is_dir() and not hub_reachable():
         kwargs["local_files_only"] = True
+    kwargs.setdefault("revision", model_cfg.revision)
     try:
-        return loader.from_pretrained(
-            source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
-        )
+        return loader.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     except ValueError as err:
+        if "instantiate the backend tokenizer" in str(err):  # transformers' own message is cut off at its colon
+            raise IgeaError(f"cannot load the tokenizer of '{source}': it has no tokenizer.json, nor a slow "
+                            "tokenizer's files to convert (with sentencepiece or tiktoken installed)") from err
         if kwargs.get("local_files_only") and "trust_remote_code" not in str(err):
             raise IgeaError(
                 f"cannot load model '{source}': it is not a local directory, not in the local cache, and the "

@@ -37,9 +37,9 @@ from igea.config import DataConfig, IgeaConfig, ModelConfig, SourceConfig, resol
 from igea.data import clean_corpus, load_corpus, split_corpus
 from igea.errors import IgeaError
 from igea.modeling import (
+    auto_tokenizer,
     configured_model_path,
     ensure_tiny_model,
-    from_pretrained_or_explain,
     load_causal_lm,
     to_device,
 )
@@ -99,7 +99,7 @@ def extend_vocabulary(
     output_dir = Path(output_dir)
     check_output_dir(output_dir)
     model_config = model_config or ModelConfig(name_or_path=model)
-    tokenizer = from_pretrained_or_explain(AutoTokenizer, model, model_config)
+    tokenizer = auto_tokenizer(model, model_config)  # model.tokenizer for a checkpoint saved without one
     check_extensible(tokenizer, model)
     merges = learn_merges(tokenizer, texts, num_tokens)
     if not merges:
