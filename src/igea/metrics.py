@@ -2,7 +2,7 @@
 
 Evaluation keeps, per sequence, only the argmax predictions and the summed negative log-likelihood, so it
 never holds a vocabulary of logits per token, and its loss is exactly token-weighted however the blocks were
-batched or spread over processes.
+batched or spread over processes. The NLL is computed once per token, by one cross-entropy over the logits.
 """
 
 from __future__ import annotations
@@ -16,13 +16,31 @@ from transformers import EvalPrediction
 IGNORE_INDEX = -100
 
 
+NLL_CHUNK = 2**26
+"""Logits upcast to float32 at a time (256 MiB) when the model computes in half precision: the NLL is exact
+without a float copy of the whole batch's logits. float32 logits are used as they are, in one call."""
+
+
 def argmax_and_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`preprocess_logits_for_metrics`: predicted token ids, and each sequence's summed next-token NLL."""
+    """`preprocess_logits_for_metrics`: predicted token ids, and each sequence's summed next-token NLL.
+
+    The NLL at position i is that of label i + 1, in float32, as the model's own loss computes it: the labels
+    are shifted (the last position has none), the logits are read in place, with no shifted, transposed or
+    whole-batch float copy. It is the evaluation's only cross-entropy (`IgeaTrainer.prediction_step` does not
+    ask the model for its loss).
+    """
     if isinstance(logits, tuple):
         logits = logits[0]
-    shifted = logits[:, :-1].float().transpose(1, 2)
-    nll = F.cross_entropy(shifted, labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none").sum(dim=-1)
-    return logits.argmax(dim=-1), nll
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    flat = logits.flatten(0, 1)
+    half = flat.dtype in (torch.float16, torch.bfloat16)
+    rows = max(1, NLL_CHUNK // flat.shape[-1] if half else len(flat))
+    nll = torch.cat([
+        F.cross_entropy(flat[i : i + rows].float(), targets[i : i + rows], ignore_index=IGNORE_INDEX,
+                        reduction="none")
+        for i in range(0, len(flat), rows)
+    ])
+    return logits.argmax(dim=-1), nll.view(logits.shape[:2]).sum(dim=-1)
 
 
 def count_correct(predictions: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:

@@ -226,7 +226,8 @@ class IgeaTrainer(Trainer):
       (resume verifies it and skips the others); old checkpoints are rotated out only after that;
     - with mixed corpora, the tokens each source supplied are counted (and kept across a resume);
     - a streamed corpus saves its position with every checkpoint (so a resume does not replay the stream);
-    - the eval loss is token-weighted, exact however the blocks were batched or spread over processes.
+    - the eval loss is token-weighted, exact however the blocks were batched or spread over processes, and
+      costs one cross-entropy per batch (the model is not asked for its own loss).
     """
 
     def __init__(self, *args: Any, stop_on_nonfinite_loss: bool = True, sources: list[str] | None = None,
@@ -257,6 +258,17 @@ class IgeaTrainer(Trainer):
             return {}
         total = self.accelerator.reduce(self.source_tokens.to(self.accelerator.device), reduction="sum")
         return {name: int(n) for name, n in zip(self.sources, total.tolist(), strict=True)}
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The model is not given the labels: its own loss would be a second cross-entropy over the vocabulary,
+        # beside the one `argmax_and_nll` computes for the exact token-weighted loss (issue 19).
+        if prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = model(**inputs, use_cache=False).logits
+        return None, logits, labels
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         # The Trainer's own eval loss averages per-batch means, which drifts when the last batch is padded
