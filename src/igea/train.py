@@ -260,8 +260,8 @@ class IgeaTrainer(Trainer):
         return {name: int(n) for name, n in zip(self.sources, total.tolist(), strict=True)}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # The model is not given the labels: its own loss would be a second cross-entropy over the vocabulary,
-        # beside the one `argmax_and_nll` computes for the exact token-weighted loss (issue 19).
+        # The model is not given the labels: its own loss would be a second pass over the vocabulary, beside
+        # the NLL `argmax_and_nll` computes for the exact token-weighted loss (issue 19).
         if prediction_loss_only:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
@@ -275,7 +275,10 @@ class IgeaTrainer(Trainer):
         # with repeated blocks to spread it over processes; the token-weighted sum is exact.
         output = super().evaluation_loop(*args, **kwargs)
         for key in [k for k in output.metrics if k.endswith("_token_loss")]:
-            output.metrics[key.removesuffix("_token_loss") + "_loss"] = output.metrics.pop(key)
+            name, loss = key.removesuffix("_token_loss") + "_loss", output.metrics.pop(key)
+            rest = {k: v for k, v in output.metrics.items() if k != name}
+            output.metrics.clear()  # the loss first, as the Trainer logs its own
+            output.metrics.update({name: loss, **rest})
         return output
 
     def _save_checkpoint(self, model, trial) -> None:
