@@ -366,7 +366,8 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
     """TrainingArguments from the `training:` section, with igea's own keys translated.
 
     `warmup_ratio` becomes transformers 5's fractional `warmup_steps`; `total_train_batch_size` sets the
-    gradient accumulation for the current world size.
+    gradient accumulation for the current world size. DDP does not search for unused parameters unless
+    `ddp_find_unused_parameters: true` (models with weights a forward pass may skip, such as mixtures of experts).
     """
     section = dict(cfg.training)
     ratio = section.pop("warmup_ratio", None)
@@ -387,6 +388,9 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
     section.setdefault("batch_eval_metrics", True)
     section.setdefault("remove_unused_columns", False)  # the collator picks its columns (and counts `source`)
     section.setdefault("save_only_model", False)
+    # DDP would otherwise look for unused parameters after every backward (an extra autograd traversal, and a
+    # warning from each rank): every trainable weight of a dense model or of its LoRA adapters is used
+    section.setdefault("ddp_find_unused_parameters", False)
     try:
         return TrainingArguments(**section)
     except (ValueError, TypeError) as err:
