@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,12 @@ def train_until_first_checkpoint(cfg: igea.IgeaConfig, monkeypatch) -> None:
     with pytest.raises(Interrupted):
         igea.train(cfg)
     monkeypatch.setattr(trainer_class, "_save_checkpoint", original)
+
+
+RAW_WARNING = re.compile(r"\b[A-Z]\w*Warning: |^\s*warnings\.warn\(|\] Warning: ")
+
+
+def raw_warning_lines(output: str) -> list[str]:
+    """Lines of a command's output printed as Python (`path.py:12: UserWarning: ...`) or torch's C++ warnings
+    print them, rather than as log lines."""
+    return [line for line in output.splitlines() if RAW_WARNING.search(line)]
