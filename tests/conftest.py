@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,12 @@ def build_trait_model(trait: str, texts: list[str], out: Path) -> Path:
     if trait == "sliding_window":
         return save_tiny_llm(out, tokenizer, "mistral", sliding_window=16)
     raise ValueError(trait)
+
+
+RAW_WARNING = re.compile(r"\b[A-Z]\w*Warning: |^\s*warnings\.warn\(|\] Warning: ")
+
+
+def raw_warning_lines(output: str) -> list[str]:
+    """Lines of a command's output printed as Python (`path.py:12: UserWarning: ...`) or torch's C++ warnings
+    print them, rather than as log lines."""
+    return [line for line in output.splitlines() if RAW_WARNING.search(line)]

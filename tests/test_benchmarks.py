@@ -66,6 +66,14 @@ def test_vocab_benchmark_extends_a_general_tokenizer_and_trains_both_vocabularie
         "starting_inside_words"]
 
 
+def test_eval_benchmark_scores_the_same_blocks_as_run_clms_evaluation():
+    [result] = run_bench("bench_eval.py", "--quick")
+
+    assert result["vocab_size"] == 32768 and result["same_loss"] and result["same_accuracy"]
+    assert all(result[f"{side}_s"] > 0 for side in ("run_clm", "igea", "igea_eval", "igea_previous"))
+    assert result["ratio"] == pytest.approx(result["run_clm_s"] / result["igea_s"], rel=1e-2)
+
+
 def test_gpu_benchmark_smoke_test_runs_every_default_variant_on_cpu():
     results = {r["variant"]: r for r in run_bench("gpu_throughput.py", "--tiny")}
 

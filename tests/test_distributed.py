@@ -11,7 +11,7 @@ import pytest
 
 from igea.cli import main
 
-from conftest import write_config
+from conftest import raw_warning_lines, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,9 @@ def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_model_di
 
 def test_the_readme_multi_process_commands_run_from_a_fresh_output_dir(tmp_path):
     """README's two CPU data-parallel commands on the demo config, nothing prepared: the rank that builds the
-    tiny model and the blocks goes first, the other reads them; both match one process at the same batch."""
+    tiny model and the blocks goes first, the other reads them; both match one process at the same batch.
+    Their output, and that of `make demo`'s command, holds log lines only: no raw warning, none from DDP's
+    reducer (igea does not ask it to look for unused parameters)."""
     common = ["training.max_steps=6", "training.eval_steps=6", "training.save_steps=6", "training.logging_steps=3",
               "training.total_train_batch_size=16", "generation.max_new_tokens=8"]
     igea = ["-m", "igea", "train", "configs/demo.yaml"]
@@ -69,6 +71,8 @@ def test_the_readme_multi_process_commands_run_from_a_fresh_output_dir(tmp_path)
                                f"data.cache_dir={tmp_path / ('cache-' + name)}"], cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (name, done.stderr[-3000:])
+        assert raw_warning_lines(done.stdout + done.stderr) == [], name
+        assert "find_unused_parameters" not in done.stderr, name
         runs[name] = json.loads((tmp_path / name / "igea_run.json").read_text())
     assert [runs[n]["layout"]["num_devices"] for n in commands] == [1, 2, 2]
     losses = [runs[n]["metrics"]["after"]["eval_loss"] for n in commands]

@@ -123,3 +123,26 @@ def test_default_cadence_logs_evaluates_and_saves_a_short_run(tiny_model_dir, co
     assert len([e for e in result.log_history if "loss" in e]) >= 5
     assert [e["step"] for e in result.log_history if "eval_loss" in e][0] == 1
     assert sorted(p.name for p in cfg.output_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-9"]
+
+
+@pytest.mark.parametrize(("peft", "training", "expected"), [
+    (None, {}, False),
+    ({"r": 4, "modules_to_save": ["embed_tokens", "lm_head"]}, {}, False),
+    (None, {"ddp_find_unused_parameters": True}, True),  # a model whose forward may skip weights (MoE)
+])
+def test_ddp_looks_for_unused_parameters_only_when_asked(peft, training, expected, tiny_model_dir, corpus_file,
+                                                         tmp_path):
+    """The Trainer's own default is to look (an extra autograd traversal each step) unless gradient
+    checkpointing is on, and always for a peft model; every weight of a dense model or LoRA adapter is used."""
+    from igea.basemodel import load_model
+    from igea.data import PreparedData
+    from igea.lora import apply_lora
+    from igea.train import build_trainer
+
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, training=training, data={"validation_split": 0},
+                      **({"peft": peft} if peft is not None else {}))
+    model, tokenizer = load_model(cfg)
+    if cfg.peft is not None:
+        model = apply_lora(model, cfg)
+    trainer = build_trainer(cfg, training_arguments(cfg), model, tokenizer, PreparedData([], None))
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is expected

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import igea
 from igea.errors import IgeaError, one_line
+from igea.logs import route_warnings
 
 EXIT_USAGE = 2
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(debug: bool) -> None:
+    """Log lines `HH:MM:SS module: message` on stderr, the libraries' Python warnings among them (igea.logs)."""
     if not sys.stderr.isatty():  # a log file, not a terminal: no progress bars redrawn line after line
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -79,6 +81,7 @@ def setup_logging(debug: bool) -> None:
     if not debug:
         for noisy in ("httpx", "urllib3", "filelock", "fsspec", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    route_warnings()
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:

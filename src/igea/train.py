@@ -252,7 +252,8 @@ class IgeaTrainer(Trainer):
       (resume verifies it and skips the others); old checkpoints are rotated out only after that;
     - with mixed corpora, the tokens each source supplied are counted (and kept across a resume);
     - a streamed corpus saves its position with every checkpoint (so a resume does not replay the stream);
-    - the eval loss is token-weighted, exact however the blocks were batched or spread over processes;
+    - the eval loss is token-weighted, exact however the blocks were batched or spread over processes, and
+      costs one cross-entropy per batch (the model is not asked for its own loss);
     - each held-out set is evaluated on its own, with the totals over all of them, in one log entry; the
       benchmarks of `eval.tasks` too, when they are scored during training.
     """
@@ -349,12 +350,26 @@ class IgeaTrainer(Trainer):
                                              for key, value in kwargs.items()}
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The model is not given the labels: its own loss would be a second pass over the vocabulary, beside
+        # the NLL `argmax_and_nll` computes for the exact token-weighted loss (issue 19).
+        if prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = model(**inputs, use_cache=False).logits
+        return None, logits, labels
+
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         # The Trainer's own eval loss averages per-batch means, which drifts when the last batch is padded
         # with repeated blocks to spread it over processes; the token-weighted sum is exact.
         output = super().evaluation_loop(*args, **kwargs)
         for key in [k for k in output.metrics if k.endswith("_token_loss")]:
-            output.metrics[key.removesuffix("_token_loss") + "_loss"] = output.metrics.pop(key)
+            name, loss = key.removesuffix("_token_loss") + "_loss", output.metrics.pop(key)
+            rest = {k: v for k, v in output.metrics.items() if k != name}
+            output.metrics.clear()  # the loss first, as the Trainer logs its own
+            output.metrics.update({name: loss, **rest})
         return output
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -468,7 +483,8 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
     """TrainingArguments from the `training:` section, with igea's own keys translated.
 
     `warmup_ratio` becomes transformers 5's fractional `warmup_steps`; `total_train_batch_size` sets the
-    gradient accumulation for the current world size.
+    gradient accumulation for the current world size. DDP does not search for unused parameters unless
+    `ddp_find_unused_parameters: true` (models with weights a forward pass may skip, such as mixtures of experts).
     """
     section = dict(cfg.training)
     ratio = section.pop("warmup_ratio", None)
@@ -492,6 +508,9 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
     section.setdefault("batch_eval_metrics", True)
     section.setdefault("remove_unused_columns", False)  # the collator picks its columns (and counts `source`)
     section.setdefault("save_only_model", False)
+    # DDP would otherwise look for unused parameters after every backward (an extra autograd traversal, and a
+    # warning from each rank): every trainable weight of a dense model or of its LoRA adapters is used
+    section.setdefault("ddp_find_unused_parameters", False)
     try:
         return TrainingArguments(**section)
     except (ValueError, TypeError) as err:
