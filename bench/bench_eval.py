@@ -96,7 +96,7 @@ def igea_trainer(model, blocks, args: argparse.Namespace, work: Path) -> Trainer
         "training": {"output_dir": str(work / "igea"), "per_device_eval_batch_size": args.batch_size,
                      "use_cpu": True, "report_to": "none", "disable_tqdm": True},
     })
-    return build_trainer(cfg, training_arguments(cfg), model, None, PreparedData(blocks, blocks))
+    return build_trainer(cfg, training_arguments(cfg), model, None, PreparedData(blocks, {"validation": blocks}))
 
 
 def igea_evaluate(model, blocks, args: argparse.Namespace, work: Path) -> dict[str, float]:

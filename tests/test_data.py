@@ -18,13 +18,13 @@ from datasets import Dataset
 
 import igea
 from igea.basemodel import load_tokenizer
-from igea.blockstore import HELD_OUT, KEPT, DocumentEncoder, HeldOut, build_blocks, open_or_build
+from igea.blockstore import HELD_OUT, KEPT, DocumentEncoder, HeldOut, build_blocks, document_ids, open_or_build
 from igea.cli import main
 from igea.config import DataConfig
 from igea.data import clean_corpus, load_corpus, prepare_dataset, tokenize_corpus
 from igea.errors import IgeaError
 
-from conftest import ITALIAN_DOCS, make_config, write_config
+from conftest import ITALIAN_DOCS, make_config, sentencepiece_tokenizer, write_config
 
 
 def texts(d: DataConfig) -> list[str]:
@@ -104,6 +104,22 @@ def test_eos_boundary_after_every_document(tiny_model_dir, tmp_path):
     ids = list(tokenize_corpus(docs, tokenizer, DataConfig(document_boundary="eos"))["input_ids"])
     for doc, row in zip(ITALIAN_DOCS, ids, strict=True):
         assert row == tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_eos_boundary_keeps_the_bos_a_tokenizer_adds_and_never_doubles_its_eos():
+    """A Llama-2/Mistral tokenizer puts <s> first: each document is <s> text </s>, on every path (the blocks'
+    fast backend, the tokenizer's own call, streaming), as such models were pretrained and as prompts begin."""
+    tokenizer = sentencepiece_tokenizer(ITALIAN_DOCS * 20, 300)
+    text = ITALIAN_DOCS[0]
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    expected = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
+    assert document_ids(tokenizer, [text], "eos") == [expected]
+    assert document_ids(tokenizer, [text], "special_tokens") == [expected[:-1]]  # run_clm: the tokenizer's own
+    encoder = DocumentEncoder(tokenizer, "eos")
+    encoder.check([text])
+    assert encoder.backend is not None and encoder([text])[1].tolist() == expected
+    tokenizer.add_eos_token = True  # a tokenizer that ends documents itself gets no second EOS
+    assert document_ids(tokenizer, [text], "eos") == [expected]
 
 
 def test_special_tokens_boundary_is_what_run_clm_does(tiny_model_dir, tmp_path):

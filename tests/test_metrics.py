@@ -116,7 +116,8 @@ def test_training_and_igea_eval_compute_the_same_metrics_and_the_nll_once(
     original = F.cross_entropy
     monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: cross_entropies.append(a[0].shape) or original(*a, **k))
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, training={"per_device_eval_batch_size": 3})
-    trainer = build_trainer(cfg, training_arguments(cfg), model, None, PreparedData(document_blocks, document_blocks))
+    data = PreparedData(document_blocks, {"validation": document_blocks})
+    trainer = build_trainer(cfg, training_arguments(cfg), model, None, data)
     trained = trainer.evaluate()
     held_out = held_out_metrics(model, document_blocks, batch_size=3)
     assert cross_entropies == []

@@ -213,13 +213,13 @@ def test_a_stream_resumes_exactly_from_any_block(tiny_model_dir, corpus_file, tm
 def test_resuming_late_reads_no_more_than_resuming_early(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     monkeypatch.setattr(streaming_module, "DOCUMENT_BATCH", 8)
     tokenized: list[str] = []
-    original = streaming_module.tokenize_documents
+    original = streaming_module.document_ids
 
-    def counting(tokenizer, texts, add_eos):
+    def counting(tokenizer, texts, boundary):
         tokenized.extend(texts)
-        return original(tokenizer, texts, add_eos)
+        return original(tokenizer, texts, boundary)
 
-    monkeypatch.setattr(streaming_module, "tokenize_documents", counting)
+    monkeypatch.setattr(streaming_module, "document_ids", counting)
     make = stream_of(tmp_path, tiny_model_dir, corpus_file, shuffle_buffer=16)
     stream = make()
     costs = {}

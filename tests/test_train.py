@@ -144,5 +144,5 @@ def test_ddp_looks_for_unused_parameters_only_when_asked(peft, training, expecte
     model, tokenizer = load_model(cfg)
     if cfg.peft is not None:
         model = apply_lora(model, cfg)
-    trainer = build_trainer(cfg, training_arguments(cfg), model, tokenizer, PreparedData([], None))
+    trainer = build_trainer(cfg, training_arguments(cfg), model, tokenizer, PreparedData([]))
     assert trainer.accelerator.ddp_handler.find_unused_parameters is expected

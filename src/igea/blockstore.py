@@ -39,7 +39,7 @@ from igea.rundir import process_alive
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # part of every key: a change of the on-disk layout never reuses old blocks
+FORMAT_VERSION = 2  # part of every key: a change of the on-disk layout never reuses old blocks
 MANIFEST = "prepared.json"
 KEPT, HELD_OUT = "blocks.arrow", "held_out.arrow"
 CHUNK_TOKENS = 1 << 22  # tokens cut into blocks at a time in the second pass (bounded memory)
@@ -79,17 +79,33 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 # Tokenizing
 
 
-class DocumentEncoder:
-    """Token ids of a batch of documents with a boundary after each, as (lengths, flat ids) arrays.
+def document_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], document_boundary: str) -> list[list[int]]:
+    """Token ids of each document as training sees them: with the tokenizer's own special tokens (the BOS that
+    Llama-2, Mistral, Llama-3 and Gemma tokenizers put first; nothing for GPT-2-style ones) and, with `eos`, the
+    tokenizer's EOS after each document that does not end with it already. `special_tokens`: the tokenizer's
+    own tokens alone, as run_clm.py tokenizes."""
+    ids = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    return end_with_eos(ids, tokenizer.eos_token_id) if document_boundary == "eos" else ids
 
-    `eos` appends the tokenizer's EOS to every document; `special_tokens` lets the tokenizer add its own. The
-    ids come from the tokenizer's Rust backend (a copy without truncation or padding), the tokenizer's own call
-    minus the Python objects it builds; `check` falls back to that call if the two ever disagree.
+
+def end_with_eos(ids: list[list[int]], eos: int) -> list[list[int]]:
+    """Each row with `eos` appended, unless it ends with it already (a tokenizer that adds EOS itself)."""
+    for row in ids:
+        if not row or row[-1] != eos:
+            row.append(eos)
+    return ids
+
+
+class DocumentEncoder:
+    """Token ids of a batch of documents with their boundaries (`document_ids`), as (lengths, flat ids) arrays.
+
+    The ids come from the tokenizer's Rust backend (a copy without truncation or padding), the tokenizer's own
+    call minus the Python objects it builds; `check` falls back to that call if the two ever disagree.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, document_boundary: str) -> None:
         self.tokenizer = tokenizer
-        self.add_eos = document_boundary == "eos"
+        self.boundary = document_boundary
         self.eos = tokenizer.eos_token_id
         self.dtype = token_dtype(len(tokenizer))
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -107,22 +123,19 @@ class DocumentEncoder:
         """Use the tokenizer's own call from now on unless the fast path gives exactly its ids on `texts`."""
         if self.backend is None or not texts:
             return
-        own = [self.tokenizer(t, add_special_tokens=not self.add_eos)["input_ids"] for t in texts]
-        fast = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=not self.add_eos)]
-        if fast != own:
+        if self.ids(texts) != document_ids(self.tokenizer, texts, self.boundary):
             logger.warning("the tokenizer's backend gives other ids than the tokenizer itself; tokenizing through "
                            "the tokenizer's own call (slower)")
             self.backend = None
 
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is None:
+            return document_ids(self.tokenizer, texts, self.boundary)
+        ids = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=True)]
+        return end_with_eos(ids, self.eos) if self.boundary == "eos" else ids
+
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        if self.backend is not None:
-            ids = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=not self.add_eos)]
-        else:
-            ids = self.tokenizer(texts, add_special_tokens=not self.add_eos, return_attention_mask=False,
-                                 return_token_type_ids=False)["input_ids"]
-        if self.add_eos:
-            for row in ids:
-                row.append(self.eos)
+        ids = self.ids(texts)
         lengths = np.fromiter(map(len, ids), dtype=np.uint32, count=len(ids))
         try:
             flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))

@@ -44,6 +44,7 @@ from igea.blockstore import (
     PreparedBlocks,
     build_blocks,
     cache_key,
+    document_ids,
     open_or_build,
     tokenizer_fingerprint,
 )
@@ -698,18 +699,12 @@ def split_corpus(corpus: IterableDataset, validation_split: int, seed: int) -> d
 
 
 def tokenize_corpus(documents, tokenizer: PreTrainedTokenizerBase, d: DataConfig):
-    """Token ids of each document, with a boundary after it (a Dataset, or an IterableDataset when streaming).
-
-    `eos` appends the tokenizer's EOS to every document; `special_tokens` lets the tokenizer add its own
-    special tokens (what transformers' run_clm.py does, and how the Igea card's models were trained).
+    """Token ids of each document with its boundaries, as `blockstore.document_ids` makes them (a Dataset, or an
+    IterableDataset when streaming): the tokenizer's own special tokens, and with `eos` an EOS after each.
     """
-    add_eos = d.document_boundary == "eos"
-    eos = tokenizer.eos_token_id
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        ids = tokenizer(batch["text"], add_special_tokens=not add_eos, return_attention_mask=False,
-                        return_token_type_ids=False)["input_ids"]
-        return {"input_ids": [x + [eos] for x in ids] if add_eos else ids}
+        return {"input_ids": document_ids(tokenizer, batch["text"], d.document_boundary)}
 
     features = Features({"input_ids": List(Value("int32"))})
     if isinstance(documents, IterableDataset):

@@ -46,6 +46,7 @@ import torch
 from datasets import IterableDataset
 from transformers import PreTrainedTokenizerBase
 
+from igea.blockstore import document_ids
 from igea.config import DataConfig
 from igea.errors import IgeaError
 from igea.rundir import write_json_atomic
@@ -60,13 +61,6 @@ TRAIL = 16384
 """Positions remembered of the last blocks handed out: more than the loaders ever read ahead."""
 STATE_FILE = "igea_stream.json"
 """The stream's position, written into every checkpoint of a streamed run."""
-
-
-def tokenize_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str], add_eos: bool) -> list[list[int]]:
-    """Token ids of each document with its boundary (as `data.tokenize_corpus` makes them)."""
-    ids = tokenizer(texts, add_special_tokens=not add_eos, return_attention_mask=False,
-                    return_token_type_ids=False)["input_ids"]
-    return [x + [tokenizer.eos_token_id] for x in ids] if add_eos else ids
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,7 +232,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         self.parts, self.labels, self.tokenizer = parts, labels, tokenizer
         self.explain = explain or (lambda index: nullcontext())  # turns a read error of source i into one line
         self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
-        self.add_eos = d.document_boundary == "eos"
+        self.boundary = d.document_boundary
         self.block_size, self.with_positions = d.block_size, d.packing == "documents"
         self.window, self.seed = max(d.shuffle_buffer, 1), seed
         self.mix = d.mix if len(parts) > 1 else "first_exhausted"  # one source: its end ends the epoch
@@ -287,7 +281,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         return all(s.passes > 0 or i == index for i, s in enumerate(sources))  # all_exhausted: every one ran out
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return tokenize_documents(self.tokenizer, texts, self.add_eos)
+        return document_ids(self.tokenizer, texts, self.boundary)
 
     def _source(self, index: int, epoch: int, passes: int, taken: int = 0,
                 start: Position | None = None) -> WindowedSource:
