@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
-import igea
+import pytest
 
-from conftest import make_config
+import igea
+from igea.config import CADENCE_FLOOR_STEPS, config_from_dict
+from igea.train import evaluation_share, relative_cadence, training_arguments
+
+from conftest import config_dict, make_config
 
 QUESTIONS = [
     ("Il fegato è", ["un organo", "un osso", "un muscolo"], 0),
@@ -38,3 +42,32 @@ def test_run_trains_samples_scores_the_eval_tasks_and_writes_the_card(tiny_model
 
     card = (cfg.output_dir / "README.md").read_text(encoding="utf-8")
     assert "## Evaluation" in card and f"{score['acc_norm']:.3f}" in card.split("## Evaluation")[1]
+
+
+def test_the_default_cadence_has_a_floor_and_what_the_config_sets_is_kept():
+    """Evaluating and saving every tenth of the run, but at least CADENCE_FLOOR_STEPS steps apart, unless the
+    config sets them; with load_best_model_at_end, saves fall on evaluations (transformers requires it)."""
+    assert CADENCE_FLOOR_STEPS == 50
+    assert relative_cadence({}, 10) == {"eval_steps": 50, "save_steps": 50}
+    assert relative_cadence({}, 501) == {"eval_steps": 51, "save_steps": 51}
+    assert relative_cadence({"eval_steps": 2}, 10) == {"save_steps": 50}
+    assert relative_cadence({"eval_steps": 0.1, "save_steps": 5}, 10) == {}
+    assert relative_cadence({"load_best_model_at_end": True, "eval_steps": 40}, 100) == {"save_steps": 80}
+    assert relative_cadence({"load_best_model_at_end": True, "eval_steps": 0.3}, 100) == {"save_steps": 60}
+    assert relative_cadence({"load_best_model_at_end": True, "save_steps": 30}, 1000) == {"eval_steps": 30}
+    assert relative_cadence({"load_best_model_at_end": True}, 1000) == {"eval_steps": 100, "save_steps": 100}
+
+
+def test_load_best_model_with_only_eval_steps_set_builds_its_training_arguments(tiny_model_dir, corpus_file, tmp_path):
+    """transformers refuses a fraction for one and a count for the other with load_best_model_at_end."""
+    raw = config_dict(tmp_path / "run", tiny_model_dir, corpus_file)
+    del raw["training"]["save_steps"]
+    raw["training"].update(load_best_model_at_end=True, eval_steps=40)
+    args = training_arguments(config_from_dict(raw))
+    assert args.load_best_model_at_end and args.save_steps % args.eval_steps == 0
+
+
+def test_evaluation_share_counts_a_forward_block_as_a_third_of_a_trained_one():
+    assert evaluation_share(0, 100, 10, 8) == 0
+    assert evaluation_share(3, 80, 10, 8) == pytest.approx(0.5)  # 3 x 80 / 3 = 80 blocks against 10 x 8
+    assert evaluation_share(1, 30, 90, 8) == pytest.approx(10 / 730)

@@ -38,8 +38,10 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".gz", ".zst", 
 # The defaults of the `training:` section: the card's optimizer recipe (Igea-1B: learning rate, Adam betas and
 # epsilon, no weight decay, cosine schedule with 2% warmup, one epoch, seed 42), one sequence batch of 8 per
 # device without accumulation, and a cadence relative to the run's length (a float below 1 is a fraction of
-# the training steps) so that a short run logs, evaluates and saves too. The card's own layout and 5000-step
-# cadence are in configs/igea-*.yaml. Anything else falls back to transformers' TrainingArguments defaults.
+# the training steps) so that a short run logs too. Evaluating and saving are RELATIVE_CADENCE, kept out of
+# this dict so that a config that leaves them out can be told from one that sets them. The card's own layout
+# and 5000-step cadence are in configs/igea-*.yaml. Anything else falls back to transformers' TrainingArguments
+# defaults.
 TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-5,
     "per_device_train_batch_size": 8,
@@ -54,13 +56,17 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1.0,
     "seed": 42,
     "eval_strategy": "steps",
-    "eval_steps": 0.1,
     "logging_steps": 0.02,
     "save_strategy": "steps",
-    "save_steps": 0.1,
     "save_total_limit": 2,
     "report_to": "none",
 }
+
+RELATIVE_CADENCE: dict[str, float] = {"eval_steps": 0.1, "save_steps": 0.1}
+"""`training.eval_steps` / `save_steps` when a config leaves them out: every 10% of the run's steps, but never
+more often than every CADENCE_FLOOR_STEPS steps (igea.train settles them once the run's length is known)."""
+CADENCE_FLOOR_STEPS = 50
+"""A short run evaluates and saves at its end rather than at every step (10% of 10 steps is one step)."""
 
 IGEA_TRAINING_KEYS: dict[str, type | tuple[type, ...]] = {
     "warmup_ratio": float,  # transformers 5 folds it into a float `warmup_steps` in [0, 1)

@@ -23,7 +23,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from igea.basemodel import base_model_path, load_tokenizer
-from igea.config import IgeaConfig
+from igea.config import CADENCE_FLOOR_STEPS, RELATIVE_CADENCE, IgeaConfig
 from igea.data import BlockCollator, PreparedData, prepare_dataset, source_label
 from igea.errors import ConfigError, IgeaError
 from igea.lora import apply_lora, check_peft, save_adapter
@@ -165,6 +165,7 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
         model.config.use_cache = False  # with a cache, restarting position_ids do not mask across documents
     metrics: dict[str, Any] = {"data": data.stats}
     trainer = build_trainer(cfg, args, model, tokenizer, data)
+    settle_cadence(trainer, cfg)
     if trainer.is_world_process_zero():
         built_for_this_run = (["base-model"] if cfg.model.tiny is not None else []) + (
             ["base-model-extended"] if cfg.model.extend_vocabulary is not None else [])
@@ -367,6 +368,7 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
         section["max_steps"] = steps_for_budget(cfg.data.token_budget, cfg.data.block_size, section)
     if not has_validation(cfg):
         section["eval_strategy"] = "no"
+    section.update(cadence_placeholders(cfg.training))
     if "disable_tqdm" not in section and not sys.stderr.isatty():
         section["disable_tqdm"] = True  # in a log file a progress bar is a redraw per step: log lines instead
     section.setdefault("batch_eval_metrics", True)
@@ -376,6 +378,119 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
         return TrainingArguments(**section)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"training: {str(err).strip().splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cadence: how often a run evaluates and saves
+
+
+FORWARD_COST = 1 / 3
+"""A block evaluated (a forward pass) costs about a third of a block trained on (forward and backward)."""
+EVAL_SHARE_WARNING = 0.25
+"""Above this estimated share of a run spent evaluating, the run says so as it starts."""
+
+
+def cadence_placeholders(training: dict[str, Any]) -> dict[str, Any]:
+    """`eval_steps` / `save_steps` for the TrainingArguments built before the run's length is known, for those
+    the config leaves out: RELATIVE_CADENCE's fractions, made whole steps later by `settle_cadence`. With
+    `load_best_model_at_end`, a value the config sets stands in for the other (transformers wants every save on an
+    evaluation)."""
+    unset = [key for key in RELATIVE_CADENCE if key not in training]
+    values: dict[str, Any] = {key: RELATIVE_CADENCE[key] for key in unset}
+    if training.get("load_best_model_at_end") and len(unset) == 1:
+        given = training["save_steps" if unset == ["eval_steps"] else "eval_steps"]
+        if given is not None:
+            values[unset[0]] = given
+    return values
+
+
+def relative_cadence(training: dict[str, Any], max_steps: int) -> dict[str, int]:
+    """Whole `eval_steps` / `save_steps` for those the config leaves to igea, in a run of `max_steps` steps:
+    RELATIVE_CADENCE of the run, but at least CADENCE_FLOOR_STEPS (a 10-step run evaluates and saves once, at
+    its end). With `load_best_model_at_end`, saves fall on evaluations."""
+
+    def whole(value: float) -> int:  # a value of the config: a count, or a fraction of the run
+        return int(value) if value >= 1 else max(1, math.ceil(value * max_steps))
+
+    def relative(key: str) -> int:
+        return max(CADENCE_FLOOR_STEPS, math.ceil(RELATIVE_CADENCE[key] * max_steps))
+
+    best = bool(training.get("load_best_model_at_end"))
+    settled: dict[str, int] = {}
+    if "eval_steps" not in training:
+        given = training.get("save_steps")
+        settled["eval_steps"] = whole(given) if best and given is not None else relative("eval_steps")
+    if "save_steps" not in training:
+        save = relative("save_steps")
+        every = settled.get("eval_steps") or (whole(training["eval_steps"]) if training.get("eval_steps") else None)
+        settled["save_steps"] = math.ceil(save / every) * every if best and every else save
+    return settled
+
+
+def settle_cadence(trainer: Trainer, cfg: IgeaConfig) -> None:
+    """Once the run's length is known: the cadence the config leaves to igea becomes whole steps (said in one
+    line), and a run whose held-out evaluations would take more than EVAL_SHARE_WARNING of it says so."""
+    args = trainer.args
+    if args.max_steps > 0:
+        max_steps = args.max_steps
+    else:
+        max_steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+    settled = relative_cadence(cfg.training, max_steps)
+    for key, value in settled.items():
+        setattr(args, key, value)
+    for key in ("logging_steps", "eval_steps", "save_steps"):  # as TrainerState does: a resume then compares equal
+        value = getattr(args, key)
+        if value is not None and 0 < value < 1:
+            setattr(args, key, math.ceil(value * max_steps))
+    if not trainer.is_world_process_zero():
+        return
+    said = {}
+    if "eval_steps" in settled and args.eval_strategy == "steps":
+        said["evaluating"] = when(settled["eval_steps"], max_steps)
+    if "save_steps" in settled and args.save_strategy == "steps":
+        said["saving"] = when(settled["save_steps"], max_steps)
+    if said:
+        what = (f"evaluating and saving {said['saving']}" if len(set(said.values())) == 1 < len(said)
+                else " and ".join(f"{verb} {cadence}" for verb, cadence in said.items()))
+        logger.info("%s in %d steps (igea's default: every tenth of the run, at least %d steps apart; "
+                    "training.eval_steps and training.save_steps choose)", what, max_steps, CADENCE_FLOOR_STEPS)
+    warn_if_evaluation_dominates(trainer, cfg, max_steps)
+
+
+def when(every: int, max_steps: int) -> str:
+    return f"every {every} steps" if every < max_steps else "at the last step only"
+
+
+def warn_if_evaluation_dominates(trainer: Trainer, cfg: IgeaConfig, max_steps: int) -> None:
+    """Estimate the share of the run spent on held-out evaluation (evaluations x validation blocks, each a
+    forward pass of about FORWARD_COST of a training block, against steps x blocks per step); say it when it is
+    above EVAL_SHARE_WARNING."""
+    validation = trainer.eval_dataset
+    if validation is None or not hasattr(validation, "__len__"):
+        return
+    args = trainer.args
+    if args.eval_strategy == "steps":
+        every = args.eval_steps if args.eval_steps >= 1 else math.ceil(args.eval_steps * max_steps)
+        evaluations = max_steps // every + (max_steps % every > 0)
+    elif args.eval_strategy == "epoch":
+        evaluations = math.ceil(args.num_train_epochs) if args.max_steps <= 0 else 1
+    else:
+        evaluations = 1  # the one after training
+    evaluations += int(cfg.eval.before_training)
+    blocks_per_step = batch_layout(args)["total_train_batch_size"]
+    share = evaluation_share(evaluations, len(validation), max_steps, blocks_per_step)
+    if share > EVAL_SHARE_WARNING:
+        logger.warning(
+            "held-out evaluation will take about %.0f%% of this run: %d evaluations x %d validation blocks (a forward "
+            "pass each, about %.2g of a training block) against %d steps x %d blocks; raise training.eval_steps or "
+            "hold out fewer blocks (data.validation_split)", 100 * share, evaluations, len(validation), FORWARD_COST,
+            max_steps, blocks_per_step)
+
+
+def evaluation_share(evaluations: int, eval_blocks: int, steps: int, blocks_per_step: int) -> float:
+    """Estimated share of a run's compute spent on held-out evaluation (see `warn_if_evaluation_dominates`)."""
+    evaluating = evaluations * eval_blocks * FORWARD_COST
+    return evaluating / (evaluating + steps * blocks_per_step)
 
 
 def has_validation(cfg: IgeaConfig) -> bool:
