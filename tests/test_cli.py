@@ -124,3 +124,18 @@ def test_train_output_in_a_log_file_is_readable_lines(tiny_model_dir, corpus_fil
     assert done.stderr.count("kept ") == 1  # the corpus is cleaned (and reported) once
     evaluations = [line for line in lines if "eval_loss" in line and "step 10/10" in line]
     assert len(evaluations) == 1  # the final metrics reuse the evaluation at the last step
+
+
+def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    """The interrupted line names the command to run again, with the user's overrides (quoted for a shell)."""
+    def interrupted(cfg, **flags):
+        (cfg.output_dir / "checkpoint-4").mkdir(parents=True)  # never marked complete: not resumable
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(igea, "run", interrupted)
+    config = ROOT / "configs" / "demo.yaml"
+    out = tmp_path / "my run"
+    assert main(["train", str(config), f"training.output_dir={out}", "card.title=Il mio modello"]) == 130
+    assert capsys.readouterr().err == (
+        "igea: interrupted; no checkpoint was saved yet, nothing to resume; start again with: "
+        f"igea train {config} 'training.output_dir={out}' 'card.title=Il mio modello'\n")

@@ -9,6 +9,8 @@ import math
 import os
 import shutil
 import sys
+import time
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
-from transformers import Trainer, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -183,6 +185,8 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     else:
         with stop_on_signals() as stop:
             trainer.add_callback(CheckpointOnStop(stop, trainer.accelerator))
+            if checkpoint is not None:
+                trainer.add_callback(ResumedCadence(checkpoint))
             train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
             raise Preempted(
@@ -283,11 +287,46 @@ class IgeaTrainer(Trainer):
             rotate_checkpoints(run_dir, self.save_total_limit, protect=(Path(best),) if best else ())
         self.accelerator.wait_for_everyone()
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A tied model's checkpoint holds the shared embedding once, under one name: the other name (lm_head.weight)
+        # is reported missing although it was loaded with it. Only keys that are really missing are reported.
+        missing = set(load_result.missing_keys) - loaded_through_a_tie(self.model, load_result.missing_keys)
+        super()._issue_warnings_after_load(
+            load_result._replace(missing_keys=[k for k in load_result.missing_keys if k in missing]))
+
     def restore_tokens_seen(self, checkpoint: Path) -> None:
         """Carry the per-source token counts of a checkpoint into a resumed run (held by the main process)."""
         seen = json.loads((checkpoint / CHECKPOINT_MARKER).read_text(encoding="utf-8")).get("tokens_seen") or {}
         if self.sources and self.is_world_process_zero():
             self.source_tokens = torch.tensor([seen.get(name, 0) for name in self.sources], dtype=torch.long)
+
+
+def loaded_through_a_tie(model: torch.nn.Module, missing: list[str]) -> set[str]:
+    """The `missing` parameter names that share their tensor with a parameter that was loaded (tied weights)."""
+    names = defaultdict(set)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names[id(parameter)].add(name)
+    missing_set = set(missing)
+    return {name for shared in names.values() if len(shared) > 1 and shared - missing_set
+            for name in shared & missing_set}
+
+
+class ResumedCadence(TrainerCallback):
+    """On a resumed run: says how long loading the checkpoint's state took (weights, optimizer, scheduler), and
+    makes the run follow the logging, evaluation and saving cadence of its config (transformers keeps the
+    checkpoint's, while igea lets a resume change it: RESUME_SAFE_KEYS)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+        self.started = time.perf_counter()
+        if PartialState().is_main_process:
+            logger.info("loading %s: weights, optimizer and scheduler states", checkpoint.name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
+        if state.is_world_process_zero:
+            logger.info("%s loaded in %.1f s; training continues at step %d of %d", self.checkpoint.name,
+                        time.perf_counter() - self.started, state.global_step, state.max_steps)
 
 
 def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, data: PreparedData) -> Trainer:
