@@ -302,12 +302,15 @@ def read_prompts(arguments: list[str], file: str | None) -> list[str]:
 def add_card(commands) -> None:
     parser = _command(commands, "card", cmd_card, "write the model card and curves.png of a finished run")
     parser.add_argument("run_dir", help="output directory of a finished run")
+    parser.add_argument("--eval", nargs="+", metavar="JSON", type=Path,
+                        help="results of `igea eval RUN --tasks ... --output JSON`: their benchmark scores join the "
+                             "card's evaluation table (and the run's metrics.json, so later cards keep them)")
 
 
 def cmd_card(args: argparse.Namespace) -> int:
     from igea.report import write_report
 
-    print(write_report(Path(args.run_dir)))
+    print(write_report(Path(args.run_dir), args.eval))
     return 0
 
 

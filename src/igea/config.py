@@ -302,19 +302,42 @@ class AdapterConfig(Section):
         check_adapter_values(self)
 
 
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+"""A Hugging Face hub repo id: `owner/name` (or a bare `name` for models without an owner, such as gpt2)."""
+HUB_LICENSE = re.compile(r"[a-z0-9][a-z0-9.-]*")
+"""A hub license identifier: apache-2.0, mit, cc-by-4.0, llama3.1, other, ..."""
+
+
 @dataclass
 class CardConfig(Section):
-    """Text of the model card written at the end of a run."""
+    """The model card (`README.md`) written at the end of a run: its text, and the hub metadata of its front
+    matter. Nothing the user did not ask for is claimed: no license or tags unless given here."""
 
     KEY: ClassVar[str] = "card"
 
     title: str | None = None
     description: str | None = None
+    repo_id: str | None = None
+    """Where the model will be published (owner/name): the card's usage snippet loads it from there."""
+    base_model: str | None = None
+    """The base model's hub id, for the `base_model` metadata: needed when model.name_or_path is a local
+    directory (by default the hub id of model.name_or_path)."""
     language: list[str] = field(default_factory=lambda: ["it"])
-    license: str = "apache-2.0"
-    tags: list[str] = field(default_factory=lambda: ["pretrained", "biomedical", "text-generation"])
+    license: str | None = None
+    tags: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
     risks: str | None = None
+
+    def check(self) -> None:
+        for name in ("repo_id", "base_model"):
+            value = getattr(self, name)
+            owner = name != "repo_id" or value is None or "/" in value
+            if value is not None and (not HUB_ID.fullmatch(value) or ".." in value or not owner):
+                raise ConfigError(f"card.{name}: {show(value)} is not a hub repo id; give owner/name as on "
+                                  "huggingface.co, e.g. sapienzanlp/Minerva-1B-base-v1.0")
+        if self.license is not None and not HUB_LICENSE.fullmatch(self.license):
+            raise ConfigError(f"card.license: {show(self.license)} is not a hub license identifier; use one such as "
+                              "apache-2.0, mit, cc-by-4.0 or other (huggingface.co/docs/hub/repositories-licenses)")
 
 
 @dataclass
