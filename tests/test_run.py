@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -71,3 +74,27 @@ def test_evaluation_share_counts_a_forward_block_as_a_third_of_a_trained_one():
     assert evaluation_share(0, 100, 10, 8) == 0
     assert evaluation_share(3, 80, 10, 8) == pytest.approx(0.5)  # 3 x 80 / 3 = 80 blocks against 10 x 8
     assert evaluation_share(1, 30, 90, 8) == pytest.approx(10 / 730)
+
+
+@pytest.mark.slow
+def test_run_in_a_script_logging_to_a_pipe_draws_no_progress_bars(tiny_model_dir, corpus_file, tmp_path):
+    """`igea.run` in a script whose stderr is a file or a pipe: no datasets (tokenizing), transformers (loading
+    and writing weights) or Trainer progress bars, as with the CLI; the caller's bar settings are back after."""
+    raw = config_dict(tmp_path / "run", tiny_model_dir, corpus_file, data={"validation_split": 8,
+                                                                          "cache_dir": str(tmp_path / "cache")},
+                      training={"max_steps": 2, "eval_steps": 2, "save_steps": 2},
+                      generation={"prompts": ["Il fegato è "], "max_new_tokens": 4})
+    del raw["training"]["disable_tqdm"]  # igea decides
+    code = ("import json, sys, igea\n"
+            "from transformers.utils import logging\n"
+            "from datasets import utils\n"
+            "igea.run(igea.load_config(json.loads(sys.argv[1])))\n"
+            "print(logging.is_progress_bar_enabled(), utils.are_progress_bars_disabled())\n")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(raw)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "README.md").is_file() and (tmp_path / "cache").is_dir()  # it tokenized, saved
+    assert "\r" not in done.stderr and "it/s]" not in done.stderr
+    for bar in ("Tokenizing", "Loading weights", "Writing model shards", "%|"):
+        assert bar not in done.stderr, done.stderr
+    assert done.stdout.split() == ["True", "False"]  # bars on again, as the script had them

@@ -78,6 +78,12 @@ def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change
     `RunStart`. Nothing is written before the checks pass; the lock is released when the block ends, however it
     ends, and a run that fails before it began training leaves a new directory as it found it.
     """
+    with progress_bars_off_in_logs(), _open_run(cfg, resume, overwrite, allow_config_change) as start:
+        yield start
+
+
+@contextmanager
+def _open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change: bool) -> Iterator[RunStart]:
     check_launch()
     if cfg.model.tiny is None:
         check_block_size(cfg)  # reads only the model's config: an unreachable hub id fails in seconds
@@ -106,6 +112,38 @@ def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change
                 raise IgeaError(f"no space left on the device of {cfg.output_dir} ({first_line(err)}); free some "
                                 "space, then continue with --resume") from err
             raise
+
+
+@contextmanager
+def progress_bars_off_in_logs() -> Iterator[None]:
+    """When stderr is not a terminal (a log file, a pipe), the progress bars of datasets (tokenizing),
+    transformers (loading and writing weights) and the hub are off while the block runs, as the CLI has them:
+    in a log each would be a line per redraw. A bar an environment variable forces on stays on; each switch is
+    put back as it was afterwards (this is a library: the caller's settings are its own)."""
+    if sys.stderr.isatty():
+        yield
+        return
+    import datasets
+    from datasets import utils as datasets_bars
+    from huggingface_hub import constants
+    from huggingface_hub import utils as hub_bars
+    from transformers.utils import logging as transformers_logging
+
+    restore = []
+    forced_on = datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is False  # HF_DATASETS_DISABLE_PROGRESS_BARS=0
+    if not forced_on and not datasets_bars.are_progress_bars_disabled():
+        datasets_bars.disable_progress_bars()
+        restore.append(datasets_bars.enable_progress_bars)
+    if constants.HF_HUB_DISABLE_PROGRESS_BARS is not False and transformers_logging.is_progress_bar_enabled():
+        hub_was_off = hub_bars.are_progress_bars_disabled()
+        transformers_logging.disable_progress_bar()  # transformers' bars, and the hub's with them
+        restore.append(hub_bars.disable_progress_bars if hub_was_off else lambda: None)
+        restore.append(transformers_logging.enable_progress_bar)
+    try:
+        yield
+    finally:
+        for switch_back in reversed(restore):
+            switch_back()
 
 
 @contextmanager
