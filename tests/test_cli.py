@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -95,15 +96,23 @@ def test_public_functions_named_like_their_modules_stay_functions():
     assert done.stdout.strip() == "True"
 
 
-@pytest.mark.parametrize("preset", ["demo", "igea-1b"])
+@pytest.mark.parametrize("preset", ["demo", "igea-350m", "igea-1b", "igea-3b"])
 def test_init_writes_a_commented_starter_config_that_loads(preset, tmp_path, capsys):
+    """Every key of every preset says on its line what it is or why it has that value; the card's license and
+    tags are commented-out examples, not claims."""
     assert main(["init", "--preset", preset]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("#") and printed == (ROOT / "configs" / f"{preset}.yaml").read_text()
+    keys = [line for line in printed.splitlines() if re.match(r"\s*[\w-]+:", line)]
+    assert len(keys) > 10
+    uncommented = [line for line in keys if not re.search(r"\S\s{2,}# \S", line)]
+    assert not uncommented, uncommented
+    assert re.search(r"^\s*#\s+license: ", printed, re.M) and re.search(r"^\s*#\s+tags: ", printed, re.M)
     target = tmp_path / "my.yaml"
     assert main(["init", "--preset", preset, "--output", str(target)]) == 0
     cfg = igea.load_config(target)
     assert cfg.training["learning_rate"] > 0
+    assert cfg.card.license is None and cfg.card.tags == []
     assert main(["init", "--output", str(target)]) == 2  # never replaces a file
     assert "exists" in capsys.readouterr().err
 
@@ -124,3 +133,18 @@ def test_train_output_in_a_log_file_is_readable_lines(tiny_model_dir, corpus_fil
     assert done.stderr.count("kept ") == 1  # the corpus is cleaned (and reported) once
     evaluations = [line for line in lines if "eval_loss" in line and "step 10/10" in line]
     assert len(evaluations) == 1  # the final metrics reuse the evaluation at the last step
+
+
+def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    """The interrupted line names the command to run again, with the user's overrides (quoted for a shell)."""
+    def interrupted(cfg, **flags):
+        (cfg.output_dir / "checkpoint-4").mkdir(parents=True)  # never marked complete: not resumable
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(igea, "run", interrupted)
+    config = ROOT / "configs" / "demo.yaml"
+    out = tmp_path / "my run"
+    assert main(["train", str(config), f"training.output_dir={out}", "card.title=Il mio modello"]) == 130
+    assert capsys.readouterr().err == (
+        "igea: interrupted; no checkpoint was saved yet, nothing to resume; start again with: "
+        f"igea train {config} 'training.output_dir={out}' 'card.title=Il mio modello'\n")

@@ -128,10 +128,9 @@ def test_results_table_reproduces_the_seed_cards(igea_1b_card):
 def test_card_metadata_and_sections(igea_1b_card):
     _, ours = igea_1b_card
     meta = yaml.safe_load(ours.split("---\n")[1])
-    assert meta == {
+    assert meta == {  # no license or tags: the preset shows them commented out, igea claims none by itself
         "language": ["it"], "library_name": "transformers", "base_model": "sapienzanlp/Minerva-1B-base-v1.0",
-        "datasets": ["IVN-RIN/BioBERT_Italian"], "tags": ["pretrained", "biomedical", "text-generation"],
-        "license": "apache-2.0", "pipeline_tag": "text-generation",
+        "datasets": ["IVN-RIN/BioBERT_Italian"], "pipeline_tag": "text-generation",
     }
     assert ours.splitlines()[meta_end(ours) + 2] == "# Igea-1B"
     assert "- Loss: 1.6976\n- Accuracy: 0.6011" in ours
@@ -247,7 +246,7 @@ def test_cli_card_writes_the_card_and_reports_bad_dirs(tmp_path, tiny_model_dir,
 
 
 @pytest.mark.slow
-def test_card_of_a_real_tiny_run(tmp_path, tiny_model_dir, corpus_file):
+def test_card_of_a_real_tiny_run(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
     from PIL import Image
 
     data = {"max_documents": 80, "validation_split": 0.05}
@@ -273,8 +272,12 @@ def test_card_of_a_real_tiny_run(tmp_path, tiny_model_dir, corpus_file):
         assert high - low > 100  # lines on a white background, not a blank canvas
 
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert 'model_id = "run"  # this run\'s directory' in snippet
+    for local in (tmp_path, tiny_model_dir, corpus_file.parent):  # nothing of this machine in a card to publish
+        assert str(local) not in card
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
+        monkeypatch.chdir(result.output_dir.parent)  # the snippet runs beside the run directory
         exec(snippet, {})
     assert out.getvalue().startswith("Il fegato è ")
 
@@ -305,3 +308,67 @@ def test_card_of_a_mixed_run_shows_blocks_sources_and_tokens_seen(tmp_path, tiny
     assert f"{blocks:,} blocks ({blocks * 64:,} tokens) mixed from a: " in train and "; b: " in train
     seen = next(line for line in bullets if line.startswith("- tokens trained on, per source: "))
     assert f"a {result.metrics['data']['tokens_seen']['a']:,} (" in seen
+
+
+def test_a_local_base_model_is_named_by_its_hub_id_and_the_snippet_by_the_repo(tmp_path, tiny_model_dir, corpus_file):
+    """A base model in a local directory: the card's `base_model` comes from card.base_model, its usage snippet
+    loads card.repo_id, and license and tags are there because the card section gives them."""
+    card_section = {"base_model": "HuggingFaceTB/SmolLM2-135M", "repo_id": "asl/smol-bio-it", "license": "mit",
+                    "tags": ["biomedical"]}
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, card=card_section)
+    card = write_report(fake_run(tmp_path / "run", cfg, ONE_CPU, {}, small_history())).read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M" and meta["license"] == "mit"
+    assert meta["tags"] == ["biomedical"]
+    assert "Base model: [HuggingFaceTB/SmolLM2-135M](https://huggingface.co/HuggingFaceTB/SmolLM2-135M)." in card
+    assert 'model_id = "asl/smol-bio-it"\npipeline = transformers.pipeline("text-generation", model=model_id' in card
+    assert str(tmp_path) not in card and str(tiny_model_dir) not in card
+
+
+@pytest.mark.parametrize(("key", "value", "said"), [
+    ("base_model", "/models/smol", "is not a hub repo id"),
+    ("repo_id", "smol-bio-it", "is not a hub repo id"),
+    ("license", "Apache 2.0", "is not a hub license identifier"),
+])
+def test_card_metadata_that_the_hub_would_refuse_is_a_config_error(key, value, said):
+    with pytest.raises(igea.ConfigError, match=f"^card.{key}: '{value}' {said}"):
+        igea.load_config({"model": {"tiny": {}}, "data": {"path": "igea:sample"}, "card": {key: value}})
+
+
+QUIZ = [
+    ("Il fegato è", ["un organo", "un osso", "un muscolo"], 0),
+    ("La fibrosi cistica è causata da mutazioni del gene", ["CFTR", "BRCA1"], 0),
+]
+
+
+def test_igea_card_eval_adds_the_benchmarks_of_igea_eval_output(tmp_path, tiny_model_dir, corpus_file, capsys):
+    """`igea eval MODEL --tasks ... --output r.json`, then `igea card RUN --eval r.json`: the scores join the
+    card's evaluation table and the run's metrics.json (without the per-question predictions), and a later
+    `igea card RUN` keeps them."""
+    quiz = tmp_path / "quiz.jsonl"
+    quiz.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}, ensure_ascii=False) + "\n"
+                            for q, c, a in QUIZ), encoding="utf-8")
+    results = tmp_path / "results.json"
+    assert main(["eval", str(tiny_model_dir), "--tasks", str(quiz), "--output", str(results)]) == 0
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, card={"title": "Igea-tiny"})
+    run_dir = fake_run(tmp_path / "run", cfg, ONE_CPU, {"after": {"eval_loss": 2.2}}, small_history())
+    capsys.readouterr()
+
+    assert main(["card", str(run_dir), "--eval", str(results)]) == 0
+    score = json.loads(results.read_text())["models"][str(tiny_model_dir)]["tasks"]["quiz"]
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["after"] == {"eval_loss": 2.2}  # what was there stays
+    assert saved["benchmarks"] == {"quiz": {k: v for k, v in score.items() if k != "predictions"}}
+    assert main(["card", str(run_dir)]) == 0  # a later card keeps them
+    card = (run_dir / CARD_FILE).read_text(encoding="utf-8")
+    rows = table_rows("| Dataset" + card.split("## Evaluation")[1].split("| Dataset", 1)[1])
+    assert rows == [[f"{score['label']} ({score['num_fewshot']}-shot)", score["domain"] or "-",
+                     f"{score['acc_norm']:.3f}"]]
+
+    assert main(["card", str(run_dir), "--eval", str(tmp_path / "missing.json")]) == 2
+    assert "--eval: '" in capsys.readouterr().err
+    held_out_only = tmp_path / "held_out.json"
+    held_out_only.write_text(json.dumps({"models": {"run": {"held_out": {"loss": 2.0}}}}), encoding="utf-8")
+    assert main(["card", str(run_dir), "--eval", str(held_out_only)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no benchmark scores for 'run'; run igea eval with --tasks" in err

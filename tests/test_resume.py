@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from igea.cli import main
 from igea.rundir import CHECKPOINT_MARKER, RUN_MARKER
+from igea.runstart import human_size
 
 from conftest import write_config
 
@@ -125,9 +130,15 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(uninterrupted, tiny
     refused = igea("train", str(config))
     assert refused.returncode == 2 and "use --resume" in refused.stderr
 
+    size = sum(p.stat().st_size for p in (out / "checkpoint-10").rglob("*") if p.is_file())
     resumed = igea("train", str(config), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "checkpoint-10" in resumed.stderr
+    said = resumed.stderr
+    assert f"verifying checkpoint-10 ({human_size(size)} in " in said and "checkpoint-10 verified in " in said
+    assert said.index("loading checkpoint-10: weights") < said.index("checkpoint-10 loaded in ")
+    assert "training continues at step 10 of 30" in said
+    assert "do not match the ones in the `trainer_state.json`" not in said  # the same cadence, counted alike
     assert_same_weights(uninterrupted, out)
 
 
@@ -241,3 +252,40 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(damage, unint
     assert f"checkpoint-20 cannot be resumed from: {target.name}" in resumed.stderr
     assert "resuming from" in resumed.stderr and "checkpoint-10" in resumed.stderr
     assert_same_weights(uninterrupted, out)
+
+
+def test_ctrl_c_says_the_command_that_resumes_and_a_tied_model_resumes_without_missing_keys(
+        tiny_model_dir, corpus_file, tmp_path, monkeypatch, capfd, caplog):
+    """Ctrl-C after the first checkpoint: `igea: interrupted` names the checkpoint and the command (with the
+    user's overrides) that continues the run; that command resumes a model with tied embeddings (its checkpoint
+    holds the shared matrix once) without transformers reporting lm_head.weight as missing."""
+    tied = tmp_path / "tied-model"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir, tie_word_embeddings=True)
+                                     ).save_pretrained(tied)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tied)
+    assert "lm_head.weight" not in load_file(tied / "model.safetensors")  # one matrix, saved once
+    config = write_config(tmp_path, "run", tied, corpus_file, data={"validation_split": 8}, max_steps=6,
+                          save_steps=2, eval_steps=6)
+    trainer_class = importlib.import_module("igea.train").IgeaTrainer
+    original = trainer_class._save_checkpoint
+
+    def save_then_ctrl_c(self, model, trial):
+        original(self, model, trial)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_class, "_save_checkpoint", save_then_ctrl_c)
+    capfd.readouterr()
+    assert main(["train", str(config), "training.seed=3"]) == 130
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    command = f"igea train {config} training.seed=3 --resume"
+    assert last == f"igea: interrupted; checkpoint-2 is saved; continue with: {command}"
+
+    monkeypatch.setattr(trainer_class, "_save_checkpoint", original)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(shlex.split(command)[1:]) == 0
+    said = caplog.text + capfd.readouterr().err  # transformers' warnings may go to its own handler
+    assert "checkpoint-2 loaded in " in said and "training continues at step 2 of 6" in said
+    assert "missing keys" not in said and "lm_head" not in said
+    assert (tmp_path / "run" / RUN_MARKER).is_file()

@@ -13,7 +13,7 @@ from igea.config import config_from_dict
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import count_correct
 from igea.rundir import RUN_MARKER
-from igea.train import train, training_arguments
+from igea.train import evaluation_share, train, training_arguments
 
 from conftest import config_dict, make_config
 
@@ -110,19 +110,28 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_mo
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_default_cadence_logs_evaluates_and_saves_a_short_run(tiny_model_dir, corpus_file, tmp_path):
-    """The defaults are the card's optimizer but a cadence relative to the run: 10 steps still log and evaluate,
-    and one process does not accumulate gradients (the card's 2 steps were for its 4 GPUs)."""
-    raw = config_dict(tmp_path / "run", tiny_model_dir, corpus_file, data={"validation_split": 8})
+def test_default_cadence_logs_often_but_evaluates_and_saves_a_short_run_once(tiny_model_dir, corpus_file, tmp_path,
+                                                                             caplog):
+    """The defaults are the card's optimizer but a cadence relative to the run: 10 steps still log at every step,
+    but evaluate and save only at their end (at least 50 steps apart), and one process does not accumulate
+    gradients (the card's 2 steps were for its 4 GPUs). The evaluations' share of the run is estimated aloud."""
+    raw = config_dict(tmp_path / "run", tiny_model_dir, corpus_file)
     for key in ("logging_steps", "eval_steps", "save_steps", "gradient_accumulation_steps"):
         raw["training"].pop(key)
     raw["training"]["max_steps"] = 10
     cfg = config_from_dict(raw)
     assert training_arguments(cfg).gradient_accumulation_steps == 1
-    result = train(cfg)
-    assert len([e for e in result.log_history if "loss" in e]) >= 5
-    assert [e["step"] for e in result.log_history if "eval_loss" in e][0] == 1
-    assert sorted(p.name for p in cfg.output_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-9"]
+    with caplog.at_level("INFO", logger="igea.train"):
+        result = train(cfg)
+    assert len([e for e in result.log_history if "loss" in e]) == 10
+    assert [e["step"] for e in result.log_history if "eval_loss" in e] == [10]
+    assert sorted(p.name for p in cfg.output_dir.glob("checkpoint-*")) == ["checkpoint-10"]
+    assert "evaluating and saving at the last step only in 10 steps" in caplog.text
+    blocks = result.metrics["data"]["validation"]["blocks"]
+    share = evaluation_share(2, blocks, 10, 4)  # before and after training, 4 blocks a step
+    assert share > 0.25
+    said = f"held-out evaluation will take about {100 * share:.0f}% of this run: 2 evaluations x {blocks} "
+    assert said in caplog.text
 
 
 @pytest.mark.parametrize(("peft", "training", "expected"), [

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -36,9 +37,19 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in ENVIRONMENT_ERRORS:
             raise
         return fail(describe_os_error(err), EXIT_USAGE, args.debug)
-    except KeyboardInterrupt:
-        print("igea: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        if os.environ.get("RANK", "0") == "0":
+            hint = getattr(err, "hint", "")
+            print(f"igea: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a command; `hint` says what to run next."""
+
+    def __init__(self, hint: str) -> None:
+        super().__init__(hint)
+        self.hint = hint
 
 
 ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -147,7 +158,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = igea.load_config(args.config, args.overrides)
     if args.allow_config_change and not args.resume:
         raise IgeaError("--allow-config-change goes with --resume")
-    result = igea.run(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    try:
+        result = igea.run(cfg, resume=args.resume, overwrite=args.overwrite,
+                          allow_config_change=args.allow_config_change)
+    except KeyboardInterrupt:
+        raise Interrupted(after_interrupt(args, cfg.output_dir)) from None
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
@@ -161,6 +176,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\nsample for {prompt!r}:\n{text}")
     return 0
 
+
+
+def after_interrupt(args: argparse.Namespace, output_dir: Path) -> str:
+    """What to run after Ctrl-C stopped `igea train`: the same command with --resume when a checkpoint is saved,
+    the same command again when none is."""
+    from igea.rundir import RUN_MARKER, complete_checkpoints
+
+    command = ["igea", "train", args.config, *args.overrides]
+    if (output_dir / RUN_MARKER).is_file():
+        return f"the run had finished; `igea card {shlex.quote(str(output_dir))}` writes its card again"
+    saved = complete_checkpoints(output_dir) if output_dir.is_dir() else []
+    if not saved:
+        return f"no checkpoint was saved yet, nothing to resume; start again with: {shlex.join(command)}"
+    command += ["--resume"] + (["--allow-config-change"] if args.allow_config_change else [])
+    return f"{saved[-1].name} is saved; continue with: {shlex.join(command)}"
 
 
 def add_prepare(commands) -> None:
@@ -274,12 +304,15 @@ def read_prompts(arguments: list[str], file: str | None) -> list[str]:
 def add_card(commands) -> None:
     parser = _command(commands, "card", cmd_card, "write the model card and curves.png of a finished run")
     parser.add_argument("run_dir", help="output directory of a finished run")
+    parser.add_argument("--eval", nargs="+", metavar="JSON", type=Path,
+                        help="results of `igea eval RUN --tasks ... --output JSON`: their benchmark scores join the "
+                             "card's evaluation table (and the run's metrics.json, so later cards keep them)")
 
 
 def cmd_card(args: argparse.Namespace) -> int:
     from igea.report import write_report
 
-    print(write_report(Path(args.run_dir)))
+    print(write_report(Path(args.run_dir), args.eval))
     return 0
 
 

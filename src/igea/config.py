@@ -51,8 +51,10 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".gz", ".zst", 
 # The defaults of the `training:` section: the card's optimizer recipe (Igea-1B: learning rate, Adam betas and
 # epsilon, no weight decay, cosine schedule with 2% warmup, one epoch, seed 42), one sequence batch of 8 per
 # device without accumulation, and a cadence relative to the run's length (a float below 1 is a fraction of
-# the training steps) so that a short run logs, evaluates and saves too. The card's own layout and 5000-step
-# cadence are in configs/igea-*.yaml. Anything else falls back to transformers' TrainingArguments defaults.
+# the training steps) so that a short run logs too. Evaluating and saving are RELATIVE_CADENCE, kept out of
+# this dict so that a config that leaves them out can be told from one that sets them. The card's own layout
+# and 5000-step cadence are in configs/igea-*.yaml. Anything else falls back to transformers' TrainingArguments
+# defaults.
 TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-5,
     "per_device_train_batch_size": 8,
@@ -67,13 +69,17 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1.0,
     "seed": 42,
     "eval_strategy": "steps",
-    "eval_steps": 0.1,
     "logging_steps": 0.02,
     "save_strategy": "steps",
-    "save_steps": 0.1,
     "save_total_limit": 2,
     "report_to": "none",
 }
+
+RELATIVE_CADENCE: dict[str, float] = {"eval_steps": 0.1, "save_steps": 0.1}
+"""`training.eval_steps` / `save_steps` when a config leaves them out: every 10% of the run's steps, but never
+more often than every CADENCE_FLOOR_STEPS steps (igea.train settles them once the run's length is known)."""
+CADENCE_FLOOR_STEPS = 50
+"""A short run evaluates and saves at its end rather than at every step (10% of 10 steps is one step)."""
 
 IGEA_TRAINING_KEYS: dict[str, type | tuple[type, ...]] = {
     "warmup_ratio": float,  # transformers 5 folds it into a float `warmup_steps` in [0, 1)
@@ -346,19 +352,42 @@ class AdapterConfig(Section):
         check_adapter_values(self)
 
 
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+"""A Hugging Face hub repo id: `owner/name` (or a bare `name` for models without an owner, such as gpt2)."""
+HUB_LICENSE = re.compile(r"[a-z0-9][a-z0-9.-]*")
+"""A hub license identifier: apache-2.0, mit, cc-by-4.0, llama3.1, other, ..."""
+
+
 @dataclass
 class CardConfig(Section):
-    """Text of the model card written at the end of a run."""
+    """The model card (`README.md`) written at the end of a run: its text, and the hub metadata of its front
+    matter. Nothing the user did not ask for is claimed: no license or tags unless given here."""
 
     KEY: ClassVar[str] = "card"
 
     title: str | None = None
     description: str | None = None
+    repo_id: str | None = None
+    """Where the model will be published (owner/name): the card's usage snippet loads it from there."""
+    base_model: str | None = None
+    """The base model's hub id, for the `base_model` metadata: needed when model.name_or_path is a local
+    directory (by default the hub id of model.name_or_path)."""
     language: list[str] = field(default_factory=lambda: ["it"])
-    license: str = "apache-2.0"
-    tags: list[str] = field(default_factory=lambda: ["pretrained", "biomedical", "text-generation"])
+    license: str | None = None
+    tags: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
     risks: str | None = None
+
+    def check(self) -> None:
+        for name in ("repo_id", "base_model"):
+            value = getattr(self, name)
+            owner = name != "repo_id" or value is None or "/" in value
+            if value is not None and (not HUB_ID.fullmatch(value) or ".." in value or not owner):
+                raise ConfigError(f"card.{name}: {show(value)} is not a hub repo id; give owner/name as on "
+                                  "huggingface.co, e.g. sapienzanlp/Minerva-1B-base-v1.0")
+        if self.license is not None and not HUB_LICENSE.fullmatch(self.license):
+            raise ConfigError(f"card.license: {show(self.license)} is not a hub license identifier; use one such as "
+                              "apache-2.0, mit, cc-by-4.0 or other (huggingface.co/docs/hub/repositories-licenses)")
 
 
 @dataclass

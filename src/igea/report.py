@@ -20,7 +20,7 @@ from transformers.modelcard import make_markdown_table, parse_log_history
 from igea.config import GENERAL_TEXT, SAMPLE_CORPUS, looks_local
 from igea.errors import IgeaError
 from igea.metrics import perplexity
-from igea.rundir import RUN_MARKER, write_text_atomic
+from igea.rundir import RUN_MARKER, write_json_atomic, write_text_atomic
 from igea.tasks import markdown_table
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,15 @@ class RunRecord:
         return self.card.get("title") or self.run_dir.resolve().name
 
 
-def write_report(run_dir: Path) -> Path:
-    """Draw `curves.png` (when matplotlib is installed), write the model card `README.md`; return its path."""
+def write_report(run_dir: Path, eval_results: list[Path] | None = None) -> Path:
+    """Draw `curves.png` (when matplotlib is installed), write the model card `README.md`; return its path.
+
+    `eval_results`: files `igea eval --output` wrote, whose benchmark scores join the card's evaluation table
+    (and the run's metrics.json, so that a later card keeps them).
+    """
     run = load_run(Path(run_dir))
+    for path in eval_results or []:
+        run.metrics["benchmarks"] = add_benchmarks(run, Path(path))
     curves = write_curves(curve_points(run.log_history, run.metrics.get("before")), run.run_dir / CURVES_FILE)
     path = run.run_dir / CARD_FILE
     write_text_atomic(path, render_card(run, curves_drawn=curves is not None))
@@ -99,6 +105,33 @@ def load_run(run_dir: Path) -> RunRecord:
     )
 
 
+def add_benchmarks(run: RunRecord, results_file: Path) -> dict[str, dict[str, Any]]:
+    """Merge the task scores of an `igea eval --output` file (those of its first model, the one evaluated) into
+    the run's benchmarks, save them in metrics.json, and return them all."""
+    if not results_file.is_file():
+        raise IgeaError(f"--eval: '{results_file}' does not exist; igea eval RUN --tasks ... --output FILE writes it")
+    results = read_json(results_file)
+    models = results.get("models") if isinstance(results, dict) else None
+    if not isinstance(models, dict) or not models:
+        raise IgeaError(f"--eval: '{results_file}' is not a results file of igea eval --output (it has no 'models')")
+    name, entry = next(iter(models.items()))
+    tasks = entry.get("tasks") if isinstance(entry, dict) else None
+    if not tasks:
+        raise IgeaError(f"--eval: '{results_file}' holds no benchmark scores for '{name}'; run igea eval with --tasks")
+    scores = {task: {k: v for k, v in score.items() if k != "predictions"} for task, score in tasks.items()}
+    lacking = next((f"{task}: '{key}'" for task, score in scores.items()
+                    for key in ("acc_norm", "label", "num_fewshot", "domain") if key not in score), None)
+    if lacking:
+        raise IgeaError(f"--eval: '{results_file}' lacks {lacking}; it was not written by igea eval --output")
+    if name not in (run.card.get("repo_id"), str(run.run_dir)) and Path(name).resolve() != run.run_dir.resolve():
+        logger.warning("--eval: %s scores '%s', not the run in %s; added to its card all the same", results_file,
+                       name, run.run_dir)
+    benchmarks = {**(run.metrics.get("benchmarks") or {}), **scores}
+    write_json_atomic(run.run_dir / "metrics.json", {**run.metrics, "benchmarks": benchmarks})
+    logger.info("benchmarks from %s added to %s: %s", results_file, run.run_dir / "metrics.json", ", ".join(scores))
+    return benchmarks
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -118,7 +151,7 @@ def render_card(run: RunRecord, curves_drawn: bool) -> str:
         how_to_use(run),
         "## Bias, Risks and Limitations\n\n" + (run.card.get("risks") or DEFAULT_RISKS).strip(),
         "## Training and evaluation data\n\n" + data_summary(run),
-        "## Training procedure\n\n" + base_model_line(run.config["model"]) + adapter_line(run.metrics.get("adapter"))
+        "## Training procedure\n\n" + base_model_line(run.config) + adapter_line(run.metrics.get("adapter"))
         + best_line(run.metrics.get("best")),
         "### Training hyperparameters\n\nThe following hyperparameters were used during training:\n\n"
         + "\n".join(hyperparameter_lines(run.config["training"], run.layout)),
@@ -131,12 +164,13 @@ def render_card(run: RunRecord, curves_drawn: bool) -> str:
 
 
 def front_matter(config: dict[str, Any], adapter: dict[str, Any] | None = None) -> str:
-    """The card's YAML header, as the hub reads it; empty lists and local base models are left out."""
+    """The card's YAML header, as the hub reads it: only what the run or its `card:` section says (no license or
+    tags unless given there); empty lists, and a local base model without `card.base_model`, are left out."""
     card = config.get("card") or {}
     meta = {
         "language": card.get("language") or [],
         "library_name": "peft" if adapter and not adapter["merged"] else "transformers",
-        "base_model": hub_base_model(config["model"]),
+        "base_model": hub_base_model(config),
         "datasets": card.get("datasets") or hub_datasets(config["data"]),
         "tags": card.get("tags") or [],
         "license": card.get("license"),
@@ -146,10 +180,12 @@ def front_matter(config: dict[str, Any], adapter: dict[str, Any] | None = None) 
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---"
 
 
-def hub_base_model(model: dict[str, Any]) -> str | None:
-    """The base model's hub id, or None for a tiny model or a local directory."""
-    path = model.get("name_or_path")
-    return path if path and not looks_local(path) else None
+def hub_base_model(config: dict[str, Any]) -> str | None:
+    """The base model's hub id: `card.base_model`, else `model.name_or_path` unless it is a local directory (or
+    the model is tiny)."""
+    named = (config.get("card") or {}).get("base_model")
+    path = config["model"].get("name_or_path")
+    return named or (path if path and not looks_local(path) else None)
 
 
 def data_paths(data: dict[str, Any]) -> list[str]:
@@ -163,22 +199,26 @@ def hub_datasets(data: dict[str, Any]) -> list[str]:
 
 
 def describe_path(path: str) -> str:
+    """A corpus as the card names it: a dataset link, or a local file by its name alone (the card is published;
+    the directories of the machine it was trained on are nobody's business)."""
     if path == SAMPLE_CORPUS:
         return "the Italian biomedical sample corpus shipped with igea"
     if path == GENERAL_TEXT:
         return "the general (not medical) Italian text shipped with igea"
     if looks_local(path):
-        return f"local files (`{path}`)"
+        return f"local files (`{Path(path).name}`)"
     return f"[{path}](https://huggingface.co/datasets/{path})"
 
 
-def describe_base_model(model: dict[str, Any]) -> str:
-    tiny = model.get("tiny")
+def describe_base_model(config: dict[str, Any]) -> str:
+    tiny = config["model"].get("tiny")
     if tiny:
         return (f"a tiny Mistral built locally by igea ({tiny['num_hidden_layers']} layers, hidden size "
                 f"{tiny['hidden_size']}, vocabulary {tiny['vocab_size']}, random initial weights)")
-    path = model["name_or_path"]
-    return f"the local model `{path}`" if looks_local(path) else f"[{path}](https://huggingface.co/{path})"
+    hub_id = hub_base_model(config)
+    if hub_id:
+        return f"[{hub_id}](https://huggingface.co/{hub_id})"
+    return f"the local model `{Path(config['model']['name_or_path']).name}`"
 
 
 def tiny_notice(model: dict[str, Any]) -> str:
@@ -193,11 +233,11 @@ def description(run: RunRecord) -> str:
         return run.card["description"].strip()
     corpora = " and ".join(describe_path(p) for p in data_paths(run.config["data"]))
     return (f"{run.title} is a causal language model continually pretrained on {corpora}, "
-            f"from {describe_base_model(run.config['model'])}.")
+            f"from {describe_base_model(run.config)}.")
 
 
-def base_model_line(model: dict[str, Any]) -> str:
-    return f"Base model: {describe_base_model(model)}."
+def base_model_line(config: dict[str, Any]) -> str:
+    return f"Base model: {describe_base_model(config)}."
 
 
 def adapter_line(adapter: dict[str, Any] | None) -> str:
@@ -215,16 +255,22 @@ def adapter_line(adapter: dict[str, Any] | None) -> str:
 
 
 def how_to_use(run: RunRecord) -> str:
-    """A transformers pipeline snippet that loads this run directory and continues the first prompt."""
+    """A transformers pipeline snippet that continues the first prompt with the model: from the hub when
+    `card.repo_id` says where it is published, else from the run directory, named without the local path."""
     generation = run.config.get("generation") or {}
     prompt = (generation.get("prompts") or ["Il fegato è "])[0]
     max_new_tokens = generation.get("max_new_tokens", 128)
-    model = _literal(str(run.run_dir))
+    if run.card.get("repo_id"):
+        model_id = f"model_id = {_literal(run.card['repo_id'])}\n"
+    else:
+        model_id = (f"model_id = {_literal(run.run_dir.resolve().name)}  # this run's directory; once published, "
+                    "its hub id (card.repo_id)\n")
     return (
         "## How to use\n\n"
         "```python\n"
         "import transformers\n\n"
-        f"pipeline = transformers.pipeline(\"text-generation\", model={model}, dtype=\"auto\")\n"
+        f"{model_id}"
+        "pipeline = transformers.pipeline(\"text-generation\", model=model_id, dtype=\"auto\")\n"
         f"output = pipeline({_literal(prompt)}, max_new_tokens={max_new_tokens})\n"
         "print(output[0][\"generated_text\"])\n"
         f"{sample_comment(run.metrics.get('samples') or {}, prompt)}"

@@ -19,6 +19,7 @@ from igea.rundir import (
     LOCK_FILE,
     START_MARKER,
     check_output_dir,
+    complete_checkpoints,
     last_complete_checkpoint,
     process_alive,
     read_json,
@@ -80,7 +81,7 @@ def plan_run(config: dict[str, Any], output_dir: Path, resume: bool, overwrite: 
     resume from and compare the config with the one the run started with. Writes nothing."""
     check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     new_dir = not any(entry != LOCK_FILE for entry in os.listdir(output_dir))
-    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    checkpoint = verified_checkpoint(output_dir) if resume else None
     if resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from the beginning", output_dir)
         return RunStart(output_dir, config, new_dir=new_dir)
@@ -97,6 +98,31 @@ def plan_run(config: dict[str, Any], output_dir: Path, resume: bool, overwrite: 
         )
     logger.info("resuming from %s", checkpoint)
     return RunStart(output_dir, config, checkpoint, changes)
+
+
+def verified_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose files are as they were saved (`last_complete_checkpoint`), saying
+    what it does meanwhile: which checkpoint, how big, and the seconds its checksums took."""
+    candidates = complete_checkpoints(output_dir)
+    if not candidates:
+        return None
+    files = [p for p in candidates[-1].rglob("*") if p.is_file()]
+    logger.info("verifying %s (%s in %d files) against the checksums saved with it", candidates[-1].name,
+                human_size(sum(p.stat().st_size for p in files)), len(files))
+    started = time.perf_counter()
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is not None:
+        logger.info("%s verified in %.1f s", checkpoint.name, time.perf_counter() - started)
+    return checkpoint
+
+
+def human_size(size: float) -> str:
+    """Bytes as a person reads them: 512 B, 3.4 MB, 1.6 GB."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            break
+        size /= 1000
+    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def start_record(output_dir: Path) -> dict[str, Any]:

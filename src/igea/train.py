@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -20,13 +21,15 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset
-from transformers import Trainer, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 
 from igea.basemodel import base_model_path, load_tokenizer
 from igea.config import (
+    CADENCE_FLOOR_STEPS,
     HELD_OUT_METRICS,
+    RELATIVE_CADENCE,
     TASK_METRICS,
     EvalConfig,
     IgeaConfig,
@@ -87,6 +90,12 @@ def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change
     `RunStart`. Nothing is written before the checks pass; the lock is released when the block ends, however it
     ends, and a run that fails before it began training leaves a new directory as it found it.
     """
+    with progress_bars_off_in_logs(), _open_run(cfg, resume, overwrite, allow_config_change) as start:
+        yield start
+
+
+@contextmanager
+def _open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change: bool) -> Iterator[RunStart]:
     check_launch()
     if cfg.model.tiny is None:
         check_block_size(cfg)  # reads only the model's config: an unreachable hub id fails in seconds
@@ -115,6 +124,38 @@ def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change
                 raise IgeaError(f"no space left on the device of {cfg.output_dir} ({first_line(err)}); free some "
                                 "space, then continue with --resume") from err
             raise
+
+
+@contextmanager
+def progress_bars_off_in_logs() -> Iterator[None]:
+    """When stderr is not a terminal (a log file, a pipe), the progress bars of datasets (tokenizing),
+    transformers (loading and writing weights) and the hub are off while the block runs, as the CLI has them:
+    in a log each would be a line per redraw. A bar an environment variable forces on stays on; each switch is
+    put back as it was afterwards (this is a library: the caller's settings are its own)."""
+    if sys.stderr.isatty():
+        yield
+        return
+    import datasets
+    from datasets import utils as datasets_bars
+    from huggingface_hub import constants
+    from huggingface_hub import utils as hub_bars
+    from transformers.utils import logging as transformers_logging
+
+    restore = []
+    forced_on = datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is False  # HF_DATASETS_DISABLE_PROGRESS_BARS=0
+    if not forced_on and not datasets_bars.are_progress_bars_disabled():
+        datasets_bars.disable_progress_bars()
+        restore.append(datasets_bars.enable_progress_bars)
+    if constants.HF_HUB_DISABLE_PROGRESS_BARS is not False and transformers_logging.is_progress_bar_enabled():
+        hub_was_off = hub_bars.are_progress_bars_disabled()
+        transformers_logging.disable_progress_bar()  # transformers' bars, and the hub's with them
+        restore.append(hub_bars.disable_progress_bars if hub_was_off else lambda: None)
+        restore.append(transformers_logging.enable_progress_bar)
+    try:
+        yield
+    finally:
+        for switch_back in reversed(restore):
+            switch_back()
 
 
 @contextmanager
@@ -176,6 +217,7 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
         model.config.use_cache = False  # with a cache, restarting position_ids do not mask across documents
     metrics: dict[str, Any] = {"data": data.stats}
     trainer = build_trainer(cfg, args, model, tokenizer, data, benchmarks if cfg.eval.during_training else ())
+    settle_cadence(trainer, cfg)
     if trainer.is_world_process_zero() and not cfg.data.streaming:
         report_mixture_plan(data.stats["train"], planned_blocks(args, len(data.train)))
     if trainer.is_world_process_zero():
@@ -195,6 +237,8 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     else:
         with stop_on_signals() as stop:
             trainer.add_callback(CheckpointOnStop(stop, trainer.accelerator))
+            if checkpoint is not None:
+                trainer.add_callback(ResumedCadence(checkpoint))
             train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
             raise Preempted(
@@ -388,11 +432,46 @@ class IgeaTrainer(Trainer):
             rotate_checkpoints(run_dir, self.save_total_limit, protect=(Path(best),) if best else ())
         self.accelerator.wait_for_everyone()
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A tied model's checkpoint holds the shared embedding once, under one name: the other name (lm_head.weight)
+        # is reported missing although it was loaded with it. Only keys that are really missing are reported.
+        missing = set(load_result.missing_keys) - loaded_through_a_tie(self.model, load_result.missing_keys)
+        super()._issue_warnings_after_load(
+            load_result._replace(missing_keys=[k for k in load_result.missing_keys if k in missing]))
+
     def restore_tokens_seen(self, checkpoint: Path) -> None:
         """Carry the per-source token counts of a checkpoint into a resumed run (held by the main process)."""
         seen = json.loads((checkpoint / CHECKPOINT_MARKER).read_text(encoding="utf-8")).get("tokens_seen") or {}
         if self.sources and self.is_world_process_zero():
             self.source_tokens = torch.tensor([seen.get(name, 0) for name in self.sources], dtype=torch.long)
+
+
+def loaded_through_a_tie(model: torch.nn.Module, missing: list[str]) -> set[str]:
+    """The `missing` parameter names that share their tensor with a parameter that was loaded (tied weights)."""
+    names = defaultdict(set)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names[id(parameter)].add(name)
+    missing_set = set(missing)
+    return {name for shared in names.values() if len(shared) > 1 and shared - missing_set
+            for name in shared & missing_set}
+
+
+class ResumedCadence(TrainerCallback):
+    """On a resumed run: says how long loading the checkpoint's state took (weights, optimizer, scheduler), and
+    makes the run follow the logging, evaluation and saving cadence of its config (transformers keeps the
+    checkpoint's, while igea lets a resume change it: RESUME_SAFE_KEYS)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+        self.started = time.perf_counter()
+        if PartialState().is_main_process:
+            logger.info("loading %s: weights, optimizer and scheduler states", checkpoint.name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
+        if state.is_world_process_zero:
+            logger.info("%s loaded in %.1f s; training continues at step %d of %d", self.checkpoint.name,
+                        time.perf_counter() - self.started, state.global_step, state.max_steps)
 
 
 def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, data: PreparedData,
@@ -503,6 +582,7 @@ def training_arguments(cfg: IgeaConfig) -> TrainingArguments:
     metric = section.get("metric_for_best_model")
     if metric is not None and section.get("greater_is_better") is None:  # transformers guesses from "loss" alone
         section["greater_is_better"] = not metric.endswith(("loss", "perplexity"))
+    section.update(cadence_placeholders(cfg.training))
     if "disable_tqdm" not in section and not sys.stderr.isatty():
         section["disable_tqdm"] = True  # in a log file a progress bar is a redraw per step: log lines instead
     section.setdefault("batch_eval_metrics", True)
@@ -522,6 +602,120 @@ def planned_blocks(args: TrainingArguments, train_blocks: int) -> int:
     if args.max_steps > 0:
         return args.max_steps * args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     return round(args.num_train_epochs * train_blocks)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cadence: how often a run evaluates and saves
+
+
+FORWARD_COST = 1 / 3
+"""A block evaluated (a forward pass) costs about a third of a block trained on (forward and backward)."""
+EVAL_SHARE_WARNING = 0.25
+"""Above this estimated share of a run spent evaluating, the run says so as it starts."""
+
+
+def cadence_placeholders(training: dict[str, Any]) -> dict[str, Any]:
+    """`eval_steps` / `save_steps` for the TrainingArguments built before the run's length is known, for those
+    the config leaves out: RELATIVE_CADENCE's fractions, made whole steps later by `settle_cadence`. With
+    `load_best_model_at_end`, a value the config sets stands in for the other (transformers wants every save on an
+    evaluation)."""
+    unset = [key for key in RELATIVE_CADENCE if key not in training]
+    values: dict[str, Any] = {key: RELATIVE_CADENCE[key] for key in unset}
+    if training.get("load_best_model_at_end") and len(unset) == 1:
+        given = training["save_steps" if unset == ["eval_steps"] else "eval_steps"]
+        if given is not None:
+            values[unset[0]] = given
+    return values
+
+
+def relative_cadence(training: dict[str, Any], max_steps: int) -> dict[str, int]:
+    """Whole `eval_steps` / `save_steps` for those the config leaves to igea, in a run of `max_steps` steps:
+    RELATIVE_CADENCE of the run, but at least CADENCE_FLOOR_STEPS (a 10-step run evaluates and saves once, at
+    its end). With `load_best_model_at_end`, saves fall on evaluations."""
+
+    def whole(value: float) -> int:  # a value of the config: a count, or a fraction of the run
+        return int(value) if value >= 1 else max(1, math.ceil(value * max_steps))
+
+    def relative(key: str) -> int:
+        return max(CADENCE_FLOOR_STEPS, math.ceil(RELATIVE_CADENCE[key] * max_steps))
+
+    best = bool(training.get("load_best_model_at_end"))
+    settled: dict[str, int] = {}
+    if "eval_steps" not in training:
+        given = training.get("save_steps")
+        settled["eval_steps"] = whole(given) if best and given is not None else relative("eval_steps")
+    if "save_steps" not in training:
+        save = relative("save_steps")
+        every = settled.get("eval_steps") or (whole(training["eval_steps"]) if training.get("eval_steps") else None)
+        settled["save_steps"] = math.ceil(save / every) * every if best and every else save
+    return settled
+
+
+def settle_cadence(trainer: Trainer, cfg: IgeaConfig) -> None:
+    """Once the run's length is known: the cadence the config leaves to igea becomes whole steps (said in one
+    line), and a run whose held-out evaluations would take more than EVAL_SHARE_WARNING of it says so."""
+    args = trainer.args
+    if args.max_steps > 0:
+        max_steps = args.max_steps
+    else:
+        max_steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+    settled = relative_cadence(cfg.training, max_steps)
+    for key, value in settled.items():
+        setattr(args, key, value)
+    for key in ("logging_steps", "eval_steps", "save_steps"):  # as TrainerState does: a resume then compares equal
+        value = getattr(args, key)
+        if value is not None and 0 < value < 1:
+            setattr(args, key, math.ceil(value * max_steps))
+    if not trainer.is_world_process_zero():
+        return
+    said = {}
+    if "eval_steps" in settled and args.eval_strategy == "steps":
+        said["evaluating"] = when(settled["eval_steps"], max_steps)
+    if "save_steps" in settled and args.save_strategy == "steps":
+        said["saving"] = when(settled["save_steps"], max_steps)
+    if said:
+        what = (f"evaluating and saving {said['saving']}" if len(set(said.values())) == 1 < len(said)
+                else " and ".join(f"{verb} {cadence}" for verb, cadence in said.items()))
+        logger.info("%s in %d steps (igea's default: every tenth of the run, at least %d steps apart; "
+                    "training.eval_steps and training.save_steps choose)", what, max_steps, CADENCE_FLOOR_STEPS)
+    warn_if_evaluation_dominates(trainer, cfg, max_steps)
+
+
+def when(every: int, max_steps: int) -> str:
+    return f"every {every} steps" if every < max_steps else "at the last step only"
+
+
+def warn_if_evaluation_dominates(trainer: Trainer, cfg: IgeaConfig, max_steps: int) -> None:
+    """Estimate the share of the run spent on held-out evaluation (evaluations x validation blocks, each a
+    forward pass of about FORWARD_COST of a training block, against steps x blocks per step); say it when it is
+    above EVAL_SHARE_WARNING."""
+    sets = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"": trainer.eval_dataset}
+    if any(s is None or not hasattr(s, "__len__") for s in sets.values()):
+        return
+    blocks = sum(len(s) for s in sets.values())  # every held-out set, each evaluated on its own
+    args = trainer.args
+    if args.eval_strategy == "steps":
+        every = args.eval_steps if args.eval_steps >= 1 else math.ceil(args.eval_steps * max_steps)
+        evaluations = max_steps // every + (max_steps % every > 0)
+    elif args.eval_strategy == "epoch":
+        evaluations = math.ceil(args.num_train_epochs) if args.max_steps <= 0 else 1
+    else:
+        evaluations = 1  # the one after training
+    evaluations += int(cfg.eval.before_training)
+    blocks_per_step = batch_layout(args)["total_train_batch_size"]
+    share = evaluation_share(evaluations, blocks, max_steps, blocks_per_step)
+    if share > EVAL_SHARE_WARNING:
+        logger.warning(
+            "held-out evaluation will take about %.0f%% of this run: %d evaluations x %d validation blocks (a forward "
+            "pass each, about %.2g of a training block) against %d steps x %d blocks; raise training.eval_steps or "
+            "hold out fewer blocks (data.validation_split)", 100 * share, evaluations, blocks, FORWARD_COST,
+            max_steps, blocks_per_step)
+
+
+def evaluation_share(evaluations: int, eval_blocks: int, steps: int, blocks_per_step: int) -> float:
+    """Estimated share of a run's compute spent on held-out evaluation (see `warn_if_evaluation_dominates`)."""
+    evaluating = evaluations * eval_blocks * FORWARD_COST
+    return evaluating / (evaluating + steps * blocks_per_step)
 
 
 def has_validation(cfg: IgeaConfig) -> bool:
