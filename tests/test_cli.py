@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -74,7 +75,10 @@ def test_train_from_the_command_line(tiny_model_dir, corpus_file, tmp_path, caps
     )
     assert main(["train", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "eval after" in out and "sample for 'Il fegato è '" in out
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
+    before, after = saved["before"]["eval_loss"], saved["after"]["eval_loss"]
+    assert f"  held-out  loss {before:.4f} -> {after:.4f} ({after - before:+.4f})" in out
+    assert "sample for 'Il fegato è '" in out
     assert main(["train", str(config)]) == 2
     assert "holds a finished run" in capsys.readouterr().err
     assert main(["train", str(config), "--overwrite"]) == 0
