@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from gpu_throughput import random_blocks
 from transformers import MistralConfig, MistralForCausalLM, Trainer, TrainingArguments, default_data_collator
 
+from igea.arguments import training_arguments
 from igea.config import config_from_dict
 from igea.data import PreparedData
 from igea.evaluate import held_out_metrics
-from igea.train import build_trainer, training_arguments
+from igea.trainer import build_trainer
 
 
 def build_model(args: argparse.Namespace) -> MistralForCausalLM:

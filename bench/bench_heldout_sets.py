@@ -24,11 +24,12 @@ from corpus import base_texts
 from datasets import concatenate_datasets
 
 import igea
+from igea.arguments import training_arguments
 from igea.basemodel import load_tokenizer
 from igea.config import GENERAL_TEXT, TinyModelConfig, load_config
 from igea.data import prepare_dataset
 from igea.modeling import load_causal_lm
-from igea.train import build_trainer, training_arguments
+from igea.trainer import build_trainer
 
 SHAPES = {
     "tiny": TinyModelConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -33,11 +33,12 @@ import datasets
 import torch
 from gpu_throughput import MINERVA_1B, TINY, StepClock, build_model, random_blocks
 
+from igea.arguments import training_arguments
 from igea.config import IgeaConfig, load_config
 from igea.data import PreparedData
 from igea.lora import apply_lora
 from igea.tracking import flops_per_token, peak_flops
-from igea.train import build_trainer, training_arguments
+from igea.trainer import build_trainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "igea-1b.yaml"
 SHAPES = {

@@ -37,11 +37,12 @@ from transformers import (
     TrainingArguments,
 )
 
+from igea.arguments import training_arguments
 from igea.basemodel import load_model
 from igea.config import IgeaConfig, TinyModelConfig, config_from_dict
 from igea.data import PreparedData, prepare_dataset
 from igea.modeling import build_tiny_model
-from igea.train import build_trainer, training_arguments
+from igea.trainer import build_trainer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ncbi-disease-it"
 

@@ -41,11 +41,12 @@ from transformers import (
     TrainingArguments,
 )
 
+from igea.arguments import training_arguments
 from igea.config import IgeaConfig, load_config
 from igea.data import PreparedData, pack_blocks
 from igea.modeling import DTYPES
 from igea.tracking import PEAK_BF16_TFLOPS, flops_per_token
-from igea.train import build_trainer, training_arguments
+from igea.trainer import build_trainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "igea-1b.yaml"
 MINERVA_1B = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 4,

@@ -93,7 +93,7 @@ class Interrupted(Exception):
 
 def train_until_first_checkpoint(cfg: igea.IgeaConfig, monkeypatch) -> None:
     """Run `igea.train(cfg)` until its first checkpoint is complete, then stop it as a crash would."""
-    trainer_class = importlib.import_module("igea.train").IgeaTrainer
+    trainer_class = importlib.import_module("igea.trainer").IgeaTrainer
     original = trainer_class._save_checkpoint
 
     def save_then_die(self, model, trial):

@@ -367,7 +367,7 @@ def test_igea_prepare_then_train_reuses_the_blocks(tiny_model_dir, corpus_file, 
 
 
 def test_a_bad_record_met_while_streaming_stops_the_run_with_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from igea.train import IgeaTrainer
+    from igea.trainer import IgeaTrainer
 
     good = tmp_path / "a.jsonl"  # 1000 documents: preparing the stream reads no further than this file
     good.write_text("".join(json.dumps({"text": t}) + "\n" for t in ITALIAN_DOCS * 125), encoding="utf-8")

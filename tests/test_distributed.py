@@ -97,7 +97,7 @@ def test_a_refusal_on_two_ranks_is_one_line_without_tracebacks(tiny_model_dir, c
 
 SIGNAL_ONE_RANK = """
 import importlib, os, signal, sys
-T = importlib.import_module("igea.train")
+T = importlib.import_module("igea.trainer")
 original = T.IgeaTrainer.training_step
 
 def patched(self, model, inputs, num_items_in_batch=None):

@@ -11,10 +11,11 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, EvalPrediction
 
 from igea import metrics
+from igea.arguments import training_arguments
 from igea.data import BlockCollator, PreparedData, pack_blocks
 from igea.evaluate import held_out_metrics
 from igea.metrics import NextTokenMetrics, argmax_and_nll, count_correct, perplexity
-from igea.train import build_trainer, training_arguments
+from igea.trainer import build_trainer
 
 from conftest import make_config
 

@@ -14,10 +14,11 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 import igea
+from igea.arguments import training_arguments
 from igea.basemodel import load_tokenizer
 from igea.config import sample_corpus_path
 from igea.data import mixture_plan, prepare_dataset, report_mixture_plan
-from igea.train import build_trainer, training_arguments
+from igea.trainer import build_trainer
 
 from conftest import make_config
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 # signal, at a chosen step.
 HANG_SCRIPT = """
 import importlib, os, pathlib, signal, sys, time
-T = importlib.import_module("igea.train")  # the module (the package's `igea.train` is the function)
+T = importlib.import_module("igea.trainer")
 
 flag, step, where = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 
@@ -267,7 +267,7 @@ def test_ctrl_c_says_the_command_that_resumes_and_a_tied_model_resumes_without_m
     assert "lm_head.weight" not in load_file(tied / "model.safetensors")  # one matrix, saved once
     config = write_config(tmp_path, "run", tied, corpus_file, data={"validation_split": 8}, max_steps=6,
                           save_steps=2, eval_steps=6)
-    trainer_class = importlib.import_module("igea.train").IgeaTrainer
+    trainer_class = importlib.import_module("igea.trainer").IgeaTrainer
     original = trainer_class._save_checkpoint
 
     def save_then_ctrl_c(self, model, trial):

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import igea
+from igea.arguments import evaluation_share, relative_cadence, training_arguments
 from igea.config import CADENCE_FLOOR_STEPS, config_from_dict
-from igea.train import evaluation_share, relative_cadence, training_arguments
 
 from conftest import config_dict, make_config
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from igea.arguments import training_arguments
 from igea.basemodel import load_tokenizer
 from igea.config import ConfigError, sample_corpus_path
 from igea.data import BlockCollator, prepare_dataset
@@ -20,6 +21,7 @@ from igea.streaming import STATE_FILE, BlockStream
 from conftest import make_config, train_until_first_checkpoint
 
 train_module = importlib.import_module("igea.train")
+trainer_module = importlib.import_module("igea.trainer")
 streaming_module = importlib.import_module("igea.streaming")
 
 
@@ -54,7 +56,7 @@ def test_streaming_needs_steps_or_a_token_budget_and_a_validation_count(tiny_mod
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file,
                       data={"streaming": True, "validation_split": 10, "token_budget": 64 * 4 * 7 + 1},
                       training={"max_steps": -1})
-    assert train_module.training_arguments(cfg).max_steps == 8  # ceil(budget / (64 tokens x 4 blocks))
+    assert training_arguments(cfg).max_steps == 8  # ceil(budget / (64 tokens x 4 blocks))
     with pytest.raises(ConfigError, match="dataloader_num_workers: 2 is not allowed with data.streaming"):
         make_config(tmp_path, tiny_model_dir, corpus_file, data={"streaming": True, "validation_split": 10},
                     training={"dataloader_num_workers": 2})
@@ -63,13 +65,13 @@ def test_streaming_needs_steps_or_a_token_budget_and_a_validation_count(tiny_mod
 @pytest.mark.slow
 def test_streaming_resume_continues_where_the_stream_stopped(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     seen: list[list[int]] = []
-    original_step = train_module.IgeaTrainer.training_step
+    original_step = trainer_module.IgeaTrainer.training_step
 
     def recording_step(self, model, inputs, num_items_in_batch=None):
         seen.extend(inputs["input_ids"].tolist())
         return original_step(self, model, inputs, num_items_in_batch)
 
-    monkeypatch.setattr(train_module.IgeaTrainer, "training_step", recording_step)
+    monkeypatch.setattr(trainer_module.IgeaTrainer, "training_step", recording_step)
     whole = train_module.train(streaming_config(tmp_path / "whole", tiny_model_dir, corpus_file))
     uninterrupted, seen[:] = list(seen), []
 

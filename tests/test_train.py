@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from igea.arguments import evaluation_share, training_arguments
 from igea.config import config_from_dict
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import count_correct
 from igea.rundir import RUN_MARKER
-from igea.train import evaluation_share, train, training_arguments
+from igea.train import train
 
 from conftest import config_dict, make_config
 
@@ -94,7 +95,7 @@ def test_block_size_above_model_context_is_refused(tiny_model_dir, corpus_file, 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, corpus_file, tmp_path):
     from igea.rundir import CHECKPOINT_MARKER, last_complete_checkpoint
-    from igea.train import NonFiniteLossError
+    from igea.trainer import NonFiniteLossError
 
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file,
                       training={"learning_rate": 1e30, "max_steps": 40, "save_steps": 1, "warmup_ratio": 0.0,
@@ -121,7 +122,7 @@ def test_default_cadence_logs_often_but_evaluates_and_saves_a_short_run_once(tin
     raw["training"]["max_steps"] = 10
     cfg = config_from_dict(raw)
     assert training_arguments(cfg).gradient_accumulation_steps == 1
-    with caplog.at_level("INFO", logger="igea.train"):
+    with caplog.at_level("INFO", logger="igea.arguments"):
         result = train(cfg)
     assert len([e for e in result.log_history if "loss" in e]) == 10
     assert [e["step"] for e in result.log_history if "eval_loss" in e] == [10]
@@ -146,7 +147,7 @@ def test_ddp_looks_for_unused_parameters_only_when_asked(peft, training, expecte
     from igea.basemodel import load_model
     from igea.data import PreparedData
     from igea.lora import apply_lora
-    from igea.train import build_trainer
+    from igea.trainer import build_trainer
 
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, training=training, data={"validation_split": 0},
                       **({"peft": peft} if peft is not None else {}))

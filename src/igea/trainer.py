@@ -1,0 +1,255 @@
+"""igea's Trainer: the transformers Trainer plus what continued pretraining needs from it (see `IgeaTrainer`),
+and `build_trainer`, which makes one over the packed blocks as `igea train` does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
+
+from igea.config import HELD_OUT_METRICS, TASK_METRICS, EvalConfig, IgeaConfig, source_name, task_metric_key
+from igea.data import BlockCollator, PreparedData
+from igea.errors import IgeaError
+from igea.metrics import NextTokenMetrics, argmax_and_nll, combined, perplexity
+from igea.rundir import CHECKPOINT_MARKER, mark_checkpoint_complete, rotate_checkpoints
+from igea.streaming import BlockStream
+from igea.tasks import MultipleChoiceTask, run_tasks
+from igea.tracking import attach_tracking
+
+logger = logging.getLogger(__name__)
+
+
+PHASE_KEYS = ("num_decay_steps", "num_stable_steps")
+"""`lr_scheduler_kwargs` of warmup_stable_decay that may be a share of the run's steps (a number below 1)."""
+
+
+class IgeaTrainer(Trainer):
+    """The transformers Trainer, plus what continued pretraining needs from it:
+
+    - a NaN/inf loss stops the run before it reaches a checkpoint;
+    - every checkpoint gets a completion marker with its files' sizes and checksums once all of it is on disk
+      (resume verifies it and skips the others); old checkpoints are rotated out only after that;
+    - with mixed corpora, the tokens each source supplied are counted (and kept across a resume);
+    - a streamed corpus saves its position with every checkpoint (so a resume does not replay the stream);
+    - the eval loss is token-weighted, exact however the blocks were batched or spread over processes, and
+      costs one cross-entropy per batch (the model is not asked for its own loss);
+    - each held-out set is evaluated on its own, with the totals over all of them, in one log entry; the
+      benchmarks of `eval.tasks` too, when they are scored during training.
+    """
+
+    def __init__(self, *args: Any, stop_on_nonfinite_loss: bool = True, sources: list[str] | None = None,
+                 save_total_limit: int | None = None, benchmarks: Sequence[MultipleChoiceTask] = (),
+                 eval_config: EvalConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
+        self.save_total_limit = save_total_limit  # applied by igea after the completion marker, not by the Trainer
+        self.sources = sources or []
+        self.source_tokens = torch.zeros(len(self.sources), dtype=torch.long)
+        self.benchmarks = list(benchmarks)
+        self.eval_config = eval_config or EvalConfig()
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        source = inputs.pop("source", None)
+        if source is not None:
+            blocks = torch.bincount(source.cpu(), minlength=len(self.sources))
+            self.source_tokens += blocks * inputs["input_ids"].shape[1]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # the Trainer itself reads the loss every step (logging_nan_inf_filter), so this adds no device sync
+        if self.stop_on_nonfinite_loss and not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at step {self.state.global_step + 1}; the last good checkpoint "
+                "is kept (lower training.learning_rate or check the data, then --resume)"
+            )
+        return loss
+
+    def tokens_seen_per_source(self) -> dict[str, int]:
+        """Training tokens each mixed source supplied so far, summed over processes."""
+        if not self.sources:
+            return {}
+        total = self.accelerator.reduce(self.source_tokens.to(self.accelerator.device), reduction="sum")
+        return {name: int(n) for name, n in zip(self.sources, total.tolist(), strict=True)}
+
+    def evaluate(self, eval_dataset: Dataset | dict[str, Dataset] | None = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Evaluate every held-out set and log the results once.
+
+        Each named set gives `eval_<set>_loss`, `_accuracy`, `_perplexity` and `_tokens`; `eval_loss`,
+        `eval_accuracy` and `eval_tokens` are the token-weighted totals over all sets (with one set, its own
+        values), so `metric_for_best_model: eval_loss` means the same whatever the number of sets. The Trainer's
+        own `evaluate` would log each set as a separate entry, with no total.
+        """
+        sets = eval_dataset if eval_dataset is not None else self.eval_dataset
+        named = sets if isinstance(sets, dict) else {"": sets}
+        self._memory_tracker.start()
+        started = time.time()
+        per_set: dict[str, float] = {}
+        samples = 0
+        for name, dataset in named.items():
+            prefix = f"{metric_key_prefix}_{name}" if name else metric_key_prefix
+            # by name, the Trainer keeps one data loader per set when its workers persist
+            loader = self.get_eval_dataloader(name if name and eval_dataset is None else dataset)
+            output = self.evaluation_loop(loader, description=f"Evaluation {name}".strip(), ignore_keys=ignore_keys,
+                                          metric_key_prefix=prefix)
+            per_set.update(output.metrics)
+            samples += output.num_samples
+        groups = [metric_key_prefix] + [f"{metric_key_prefix}_{name}" for name in named if name]
+        if len(named) > 1:
+            per_set.update(totals(per_set, [name for name in named if name], metric_key_prefix))
+        per_set.update({f"{prefix}_perplexity": perplexity(per_set[f"{prefix}_loss"]) for prefix in groups})
+        order = [f"{prefix}_{metric}" for prefix in groups for metric in (*HELD_OUT_METRICS, "tokens")]
+        metrics = {key: per_set.pop(key) for key in order if key in per_set}  # the totals first, then each set
+        metrics.update(per_set)
+        if self.benchmarks:
+            metrics.update(self.score_benchmarks(metric_key_prefix))
+        batches = math.ceil(samples / (self.args.eval_batch_size * self.args.world_size))
+        metrics.update(speed_metrics(metric_key_prefix, started, num_samples=samples, num_steps=batches))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics
+
+    def score_benchmarks(self, prefix: str = "eval") -> dict[str, float]:
+        """acc and acc_norm of the current weights on each benchmark of `eval.tasks` (`eval_<task>_acc`, ...).
+
+        Every process scores them (all take part in a sharded model's forward passes) and gets the same numbers.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        scores = run_tasks(model, self.processing_class, self.benchmarks, self.eval_config)
+        model.train(was_training)
+        return {task_metric_key(name, metric).replace("eval_", f"{prefix}_", 1): score[metric]
+                for name, score in scores.items() for metric in TASK_METRICS}
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # warmup_stable_decay's phases may be given as shares of the run, as transformers 5 takes `warmup_steps`
+        kwargs = self.args.lr_scheduler_kwargs
+        if isinstance(kwargs, dict) and any(isinstance(kwargs.get(k), float) for k in PHASE_KEYS):
+            self.args.lr_scheduler_kwargs = {key: round(value * num_training_steps) if key in PHASE_KEYS
+                                             and isinstance(value, float) and value < 1 else value
+                                             for key, value in kwargs.items()}
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The model is not given the labels: its own loss would be a second pass over the vocabulary, beside
+        # the NLL `argmax_and_nll` computes for the exact token-weighted loss (issue 19).
+        if prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = model(**inputs, use_cache=False).logits
+        return None, logits, labels
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        # The Trainer's own eval loss averages per-batch means, which drifts when the last batch is padded
+        # with repeated blocks to spread it over processes; the token-weighted sum is exact.
+        output = super().evaluation_loop(*args, **kwargs)
+        for key in [k for k in output.metrics if k.endswith("_token_loss")]:
+            name, loss = key.removesuffix("_token_loss") + "_loss", output.metrics.pop(key)
+            rest = {k: v for k, v in output.metrics.items() if k != name}
+            output.metrics.clear()  # the loss first, as the Trainer logs its own
+            output.metrics.update({name: loss, **rest})
+        return output
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.is_world_process_zero():
+            (folder / CHECKPOINT_MARKER).unlink(missing_ok=True)  # a folder saved again is incomplete until marked
+        super()._save_checkpoint(model, trial)  # the Trainer rotates nothing (igea holds save_total_limit)
+        self.accelerator.wait_for_everyone()  # every rank has written its part (RNG states, shards)
+        seen = self.tokens_seen_per_source()  # a collective: every rank takes part
+        if self.is_world_process_zero():
+            if isinstance(self.train_dataset, BlockStream):  # where the stream is, so that --resume need not replay it
+                self.train_dataset.save(folder, self.state.global_step * self.get_total_train_batch_size(self.args))
+            mark_checkpoint_complete(folder, {"global_step": self.state.global_step, "tokens_seen": seen})
+            best = self.state.best_model_checkpoint
+            rotate_checkpoints(run_dir, self.save_total_limit, protect=(Path(best),) if best else ())
+        self.accelerator.wait_for_everyone()
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A tied model's checkpoint holds the shared embedding once, under one name: the other name (lm_head.weight)
+        # is reported missing although it was loaded with it. Only keys that are really missing are reported.
+        missing = set(load_result.missing_keys) - loaded_through_a_tie(self.model, load_result.missing_keys)
+        super()._issue_warnings_after_load(
+            load_result._replace(missing_keys=[k for k in load_result.missing_keys if k in missing]))
+
+    def restore_tokens_seen(self, checkpoint: Path) -> None:
+        """Carry the per-source token counts of a checkpoint into a resumed run (held by the main process)."""
+        seen = json.loads((checkpoint / CHECKPOINT_MARKER).read_text(encoding="utf-8")).get("tokens_seen") or {}
+        if self.sources and self.is_world_process_zero():
+            self.source_tokens = torch.tensor([seen.get(name, 0) for name in self.sources], dtype=torch.long)
+
+
+class NonFiniteLossError(IgeaError):
+    """The training loss became NaN or inf."""
+
+
+def loaded_through_a_tie(model: torch.nn.Module, missing: list[str]) -> set[str]:
+    """The `missing` parameter names that share their tensor with a parameter that was loaded (tied weights)."""
+    names = defaultdict(set)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names[id(parameter)].add(name)
+    missing_set = set(missing)
+    return {name for shared in names.values() if len(shared) > 1 and shared - missing_set
+            for name in shared & missing_set}
+
+
+class ResumedCadence(TrainerCallback):
+    """On a resumed run: says how long loading the checkpoint's state took (weights, optimizer, scheduler), and
+    makes the run follow the logging, evaluation and saving cadence of its config (transformers keeps the
+    checkpoint's, while igea lets a resume change it: RESUME_SAFE_KEYS)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+        self.started = time.perf_counter()
+        if PartialState().is_main_process:
+            logger.info("loading %s: weights, optimizer and scheduler states", checkpoint.name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
+        if state.is_world_process_zero:
+            logger.info("%s loaded in %.1f s; training continues at step %d of %d", self.checkpoint.name,
+                        time.perf_counter() - self.started, state.global_step, state.max_steps)
+
+
+def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, data: PreparedData,
+                  benchmarks: Sequence[MultipleChoiceTask] = ()) -> Trainer:
+    """igea's Trainer over the packed blocks, with next-token accuracy as its metric, every held-out set evaluated
+    on its own, and `benchmarks` scored at every evaluation."""
+    sets = data.validation_sets
+    trainer = IgeaTrainer(
+        stop_on_nonfinite_loss=cfg.training.get("stop_on_nonfinite_loss", True),
+        save_total_limit=cfg.training.get("save_total_limit"),
+        sources=[source_name(s) for s in cfg.data.sources] if len(cfg.data.sources) > 1 else None,
+        benchmarks=benchmarks,
+        eval_config=cfg.eval,
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=(dict(sets) if len(sets) > 1 else next(iter(sets.values()))) if sets else None,
+        data_collator=BlockCollator(),
+        processing_class=tokenizer,
+        compute_metrics=NextTokenMetrics(),
+        preprocess_logits_for_metrics=argmax_and_nll,
+    )
+    attach_tracking(trainer, cfg)  # tracking: TensorBoard logs in the run dir, training.log_throughput
+    return trainer
+
+
+def totals(metrics: dict[str, float], sets: list[str], prefix: str = "eval") -> dict[str, float]:
+    """The token-weighted loss and accuracy, and the tokens, of several held-out sets together, from each set's
+    own metrics (`eval_<set>_loss`, ...)."""
+    total = combined([{m: metrics[f"{prefix}_{name}_{m}"] for m in ("loss", "accuracy", "tokens")} for name in sets])
+    return {f"{prefix}_{key}": value for key, value in total.items()}
