@@ -156,6 +156,15 @@ def test_igea_eval_names_sets_and_compares_each(two_sets_run, dev_file, capsys):
     assert any(line.split()[:2] == ["change", "general"] for line in printed.splitlines())
 
 
+def test_igea_eval_on_the_runs_own_training_files_warns(two_sets_run, corpus_file, dev_file, caplog):
+    cfg, _ = two_sets_run
+    with caplog.at_level("WARNING", logger="igea.evaluate"):
+        igea.evaluate(str(cfg.output_dir), corpus={"mine": str(corpus_file), "biomed": str(dev_file)})
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"held-out set 'mine' includes '{corpus_file}', which run '{cfg.output_dir}' trained on: "
+                        "these are not held-out numbers (use text the run never saw)"]
+
+
 def test_resume_keeps_the_per_set_history(tiny_model_dir, corpus_file, dev_file, tmp_path, monkeypatch):
     data = {"validation_split": 0, "validation_path": {"biomed": str(dev_file), "general": GENERAL_TEXT}}
     whole = igea.train(make_config(tmp_path / "whole", tiny_model_dir, corpus_file, data=data,
