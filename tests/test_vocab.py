@@ -17,9 +17,9 @@ import igea
 from igea.basemodel import base_model_path, load_tokenizer
 from igea.cli import main
 from igea.config import config_from_dict
-from igea.vocab import REPORT, hold_out, words
+from igea.vocab import REPORT, chain_contexts, hold_out, words
 
-from conftest import config_dict, make_config, real_abstracts, write_config
+from conftest import build_trait_model, config_dict, make_config, real_abstracts, write_config
 
 NUM_TOKENS = 150
 
@@ -105,19 +105,59 @@ def test_old_ids_and_old_rows_are_unchanged(tiny_model_dir, extended):
         assert torch.allclose(new(ids).logits[..., :n], old(ids).logits, atol=1e-5)
 
 
-def test_new_rows_start_as_weighted_means_of_their_pieces(tiny_model_dir, extended):
-    """Input rows: each piece weighs twice the one before it; output rows: half."""
+def test_new_input_rows_are_weighted_means_of_their_pieces(tiny_model_dir, extended):
+    """Each piece weighs twice the one before it (what the model has read when the word ends)."""
     out, report = extended
     base = AutoTokenizer.from_pretrained(tiny_model_dir)
-    old, new = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(out)
-    for get, later in (("get_input_embeddings", True), ("get_output_embeddings", False)):
-        before, after = getattr(old, get)().weight, getattr(new, get)().weight
-        for token in report["new_tokens"]:
-            ids = base.convert_tokens_to_ids(token["pieces"])
-            assert "".join(token["pieces"]) == token["token"] and len(ids) >= 2
-            weights = [2.0 ** i for i in range(len(ids))]
-            weights = torch.tensor(weights if later else weights[::-1]) / sum(weights)
-            assert torch.allclose(after[token["id"]], weights @ before[ids], atol=1e-6)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight
+    after = AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight
+    for token in report["new_tokens"]:
+        ids = base.convert_tokens_to_ids(token["pieces"])
+        assert "".join(token["pieces"]) == token["token"] and len(ids) >= 2
+        weights = torch.tensor([2.0 ** i for i in range(len(ids))])
+        assert torch.allclose(after[token["id"]], weights / weights.sum() @ before[ids], atol=1e-6)
+
+
+def chain_fit_errors(base_dir: Path, extended_dir: Path, report: dict, texts: list[str]) -> tuple[float, float, int]:
+    """Mean |logit - chain logit| of the new tokens where they occur in `texts`: with the extended model's
+    output rows, and with the rows the fit starts from (weighted means, first piece heaviest; tied: the mean)."""
+    base_tok, extended_tok = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(extended_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    tied = base.get_output_embeddings().weight.data_ptr() == base.get_input_embeddings().weight.data_ptr()
+    rows = base.get_output_embeddings().weight
+    fitted = AutoModelForCausalLM.from_pretrained(extended_dir).get_output_embeddings().weight
+    pieces = {t["id"]: base_tok.convert_tokens_to_ids(t["pieces"]) for t in report["new_tokens"]}
+    contexts = chain_contexts(base, base_tok, extended_tok, texts, pieces)
+    errors_fit, errors_start = [], []
+    with torch.no_grad():
+        for token, (hidden, chain) in contexts.items():
+            ids = pieces[token]
+            weights = torch.ones(len(ids)) if tied else torch.tensor([2.0 ** -i for i in range(len(ids))])
+            start = weights / weights.sum() @ rows[ids]
+            errors_fit.append((hidden @ fitted[token] - chain).abs().mean())
+            errors_start.append((hidden @ start - chain).abs().mean())
+    return float(torch.stack(errors_fit).mean()), float(torch.stack(errors_start).mean()), len(contexts)
+
+
+def test_new_output_rows_give_the_chain_of_pieces_logit_where_the_token_occurs(tiny_model_dir, extended):
+    """Untrained, the extended model should predict a new token as the base model predicted its pieces: where
+    the token occurs in the corpus, its logit is fitted to the first piece's logit plus the log-probability
+    of the other pieces after it. Tokens that do not occur keep the weighted mean."""
+    out, report = extended
+    texts = real_abstracts("train")
+    fit, start, fitted = chain_fit_errors(tiny_model_dir, out, report, texts)
+    assert fitted == report["fitted_tokens"] > 0.9 * report["tokens_added"]
+    assert fit < 0.5 * start, (fit, start)
+
+
+def test_tied_rows_are_fitted_too_and_stay_one_matrix(tmp_path):
+    texts = real_abstracts("train")
+    base_dir = build_trait_model("tied", texts, tmp_path / "tied")
+    report = igea.extend_vocabulary(str(base_dir), texts, 60, tmp_path / "ext", heldout_texts=texts[:5])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ext")
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    fit, start, fitted = chain_fit_errors(base_dir, tmp_path / "ext", report, texts)
+    assert fitted == report["fitted_tokens"] > 0 and fit < 0.5 * start, (fit, start)
 
 
 def test_fertility_drops_on_held_out_text(tiny_model_dir, extended):
@@ -217,11 +257,9 @@ def test_sentencepiece_style_tokenizer_is_extended_within_words(sentencepiece_mo
     word = next(t for t in report["new_tokens"] if t["token"].startswith("\u2581") and len(t["token"]) > 5)
     assert word["id"] in auto(f"Nello studio {word['token'][1:]}, poi.")["input_ids"]  # followed by punctuation
     model = AutoModelForCausalLM.from_pretrained(out)
-    base = AutoModelForCausalLM.from_pretrained(sentencepiece_model_dir)
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    pieces = AutoTokenizer.from_pretrained(sentencepiece_model_dir).convert_tokens_to_ids(word["pieces"])
-    assert torch.allclose(model.get_input_embeddings().weight[word["id"]],  # tied: the plain mean
-                          base.get_input_embeddings().weight[pieces].mean(dim=0), atol=1e-6)
+    fit, start, fitted = chain_fit_errors(sentencepiece_model_dir, out, report, real_abstracts("train"))
+    assert fitted == report["fitted_tokens"] > 90 and fit < 0.5 * start, (fit, start)  # '▁' pieces line up too
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,8 +269,10 @@ def test_sentencepiece_style_tokenizer_is_extended_within_words(sentencepiece_mo
 def test_cli_writes_an_extended_model_and_its_report(tiny_model_dir, corpus_file, tmp_path, capsys):
     out = tmp_path / "ext"
     assert main(["vocab", str(tiny_model_dir), "--corpus", str(corpus_file), "--num-tokens", "40",
-                 "--output", str(out), "--bits-per-byte"]) == 0
+                 "--output", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert re.search(r"untrained, it scores \d\.\d{4} bits per byte on \d+ held-out documents, the base model "
+                     r"\d\.\d{4} \([+-]\d+\.\d%\)", printed), printed
     summary = json.loads(printed[:printed.rindex("}") + 1])
     saved = json.loads((out / REPORT).read_text(encoding="utf-8"))
     assert summary["tokens_added"] == saved["tokens_added"] == 40 and len(saved["new_tokens"]) == 40

@@ -9,8 +9,12 @@ text gets its new token whatever precedes or follows it. (`tokenizer.add_tokens`
 tokens are matched in the raw text before pre-tokenization, inside longer words too, and the space before a
 word is left as a token of its own; `bench/bench_vocab.py` measures both.)
 
-Each new token's embeddings start as weighted means of the embeddings of the base pieces it is made of: the
-input embedding leans on the last pieces, the output embedding on the first ones. Only BPE tokenizers
+Each new token's embeddings start from the base pieces it is made of: the input embedding is a weighted mean
+leaning on the last pieces (what the model has read when the word ends); the output embedding is fitted so
+that, where the token occurs in the corpus, its logit is what the base model gave the whole chain of pieces
+(the first piece's logit plus the log-probability of the others after it), starting from a weighted mean that
+leans on the first pieces. The extended model, untrained, then predicts a new token about as the base model
+predicted its pieces (Hewitt 2021 on why the mean alone is not enough). Only BPE tokenizers
 (byte-level as GPT-2 and Llama 3, or SentencePiece-style with '▁' as Mistral, Llama 2 and Minerva) can be
 extended this way.
 """
@@ -57,8 +61,16 @@ BPB_DOCUMENTS = 200
 """Held-out documents scored for bits per byte (the first ones), when asked to."""
 MIN_COUNT = 2
 """A merge must save at least this many tokens in the corpus to become a new token."""
-INIT = ("weighted means of the pieces' rows: input embeddings weigh each piece twice the one before it, output "
-        "embeddings half (tied embeddings: the plain mean)")
+FIT_DOCUMENTS = 1000
+"""Corpus documents the base model reads to fit the new output rows (the first ones, up to FIT_CONTEXT tokens)."""
+FIT_CONTEXT = 512
+FIT_OCCURRENCES = 64
+"""Occurrences of a new token used in its fit, at most."""
+RIDGE = 1.0
+"""Strength of the fit's pull towards the starting row, relative to the mean squared norm of the hidden states."""
+INIT = ("input rows: weighted means of the pieces' rows, each piece twice the one before it; output rows: weighted "
+        "means, each piece half the one before it, fitted (ridge) so that the token's logit where it occurs in the "
+        "corpus is its chain of pieces' logit in the base model; tied rows: the plain mean, fitted the same way")
 
 WORD_START = re.compile("(?=\u2581)")  # SentencePiece-style text is one piece: split it before each '▁'
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # byte-fallback tokens are not text and are never merged
@@ -105,16 +117,19 @@ def extend_vocabulary(
     if not merges:
         raise IgeaError(f"the corpus has no pair of pieces that occurs {MIN_COUNT} times inside a word; "
                         "give it more text")
-    lm = load_causal_lm(model, model_config)
+    lm = to_device(load_causal_lm(model, model_config), None)  # on a GPU when there is one
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokens = list(dict.fromkeys(m.token for m in merges))  # two merge rules may make the same token
     new_ids = save_extended_tokenizer(tokenizer, merges, tokens, tmp)
-    pieces = base_pieces(merges)
-    resize_and_initialise(lm, new_ids, [tokenizer.convert_tokens_to_ids(pieces[t]) for t in tokens])
-    lm.save_pretrained(tmp)
     extended = AutoTokenizer.from_pretrained(tmp)
     check_ids(extended, tokens, new_ids)
+    pieces = base_pieces(merges)
+    piece_ids = [tokenizer.convert_tokens_to_ids(pieces[t]) for t in tokens]
+    by_id = dict(zip(new_ids, piece_ids, strict=True))
+    contexts = chain_contexts(lm, tokenizer, extended, texts[:FIT_DOCUMENTS], by_id)
+    resize_and_initialise(lm, new_ids, piece_ids, contexts)
+    lm.save_pretrained(tmp)
 
     heldout = list(heldout_texts) if heldout_texts else list(texts)
     report: dict[str, Any] = {
@@ -127,6 +142,7 @@ def extend_vocabulary(
         "vocab_size": {"before": len(tokenizer), "after": len(extended)},
         "embedding_rows": lm.get_input_embeddings().num_embeddings,
         "init": INIT,
+        "fitted_tokens": len(contexts),
         "fertility": compare(fertility(tokenizer, heldout), fertility(extended, heldout)),
         "corpus_tokens": compare(count_tokens(tokenizer, texts), count_tokens(extended, texts)),
     }
@@ -134,8 +150,10 @@ def extend_vocabulary(
         report["fertility"]["measured_on"] = "the corpus itself (no held-out text)"
     if measure_bits_per_byte:  # on a GPU when there is one
         sample = heldout[:BPB_DOCUMENTS]
+        after = bits_per_byte(lm, extended, sample)
+        del lm
         before = bits_per_byte(to_device(load_causal_lm(model, model_config), None), tokenizer, sample)
-        report["bits_per_byte"] = compare(before, bits_per_byte(to_device(lm, None), extended, sample))
+        report["bits_per_byte"] = compare(before, after)
         report["bits_per_byte"]["documents"] = len(sample)
     counts = Counter()
     for m in merges:
@@ -328,14 +346,16 @@ def piece_weights(count: int, later: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def resize_and_initialise(model: PreTrainedModel, new_ids: list[int], piece_ids: list[list[int]]) -> None:
-    """Grow the embedding matrices to hold `new_ids`; each new row is a weighted mean of its pieces' rows.
+def resize_and_initialise(model: PreTrainedModel, new_ids: list[int], piece_ids: list[list[int]],
+                          contexts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """Grow the embedding matrices to hold `new_ids` and give each new row its start from its pieces' rows.
 
-    Input embeddings weigh the later pieces more (each twice the one before it: what the model has read when
-    a word ends), output embeddings the earlier ones (what must be predicted first). Measured on held-out
-    text, this beats the plain mean, the first piece and transformers' default (BENCHMARKS.md). Tied
-    embeddings get the plain mean.
+    Input rows: weighted means, each piece twice the one before it (what the model has read when a word
+    ends). Output rows: weighted means the other way (what must be predicted first), then fitted to
+    `contexts` (`chain_contexts`) where the token occurs there. Tied rows: the plain mean, fitted the same
+    way. Measured on held-out text against the plain mean and transformers' default: BENCHMARKS.md.
     """
+    contexts = contexts or {}
     rows = max(model.get_input_embeddings().num_embeddings, max(new_ids) + 1)
     if rows != model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(rows, mean_resizing=False)
@@ -345,11 +365,74 @@ def resize_and_initialise(model: PreTrainedModel, new_ids: list[int], piece_ids:
     for new_id, ids in zip(new_ids, piece_ids, strict=True):
         pieces = inputs[ids].float()
         if tied:
-            inputs[new_id] = pieces.mean(dim=0).to(inputs.dtype)
+            row = fit_row(pieces.mean(dim=0), contexts.get(new_id)) if output is not None else pieces.mean(dim=0)
+            inputs[new_id] = row.to(inputs.dtype)
             continue
         inputs[new_id] = (piece_weights(len(ids), later=True) @ pieces).to(inputs.dtype)
-        outputs = output.weight[ids].float()
-        output.weight[new_id] = (piece_weights(len(ids), later=False) @ outputs).to(output.weight.dtype)
+        start = piece_weights(len(ids), later=False) @ output.weight[ids].float()
+        output.weight[new_id] = fit_row(start, contexts.get(new_id)).to(output.weight.dtype)
+
+
+def fit_row(start: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """`start` moved, as little as ridge regression allows, so that hidden states `H` give logits `y`.
+
+    Solved in its dual form (one small system per token, of the size of its occurrences):
+    `start + Hᵀ (H Hᵀ + λ I)⁻¹ (y - H start)`, with λ = RIDGE × the mean of |h|².
+    """
+    if context is None:
+        return start
+    hidden, target = (t.to(start.device, torch.float32) for t in context)
+    gram = hidden @ hidden.T
+    ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], device=gram.device)
+    return start + hidden.T @ torch.linalg.solve(gram + ridge * eye, target - hidden @ start)
+
+
+@torch.no_grad()
+def chain_contexts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, extended: PreTrainedTokenizerBase,
+                   texts: Sequence[str], pieces: dict[int, list[int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Where each new token occurs in `texts`, what the base `model` makes of its chain of pieces.
+
+    For each new token id (`pieces`: its base token ids), up to FIT_OCCURRENCES occurrences: the hidden state
+    the output layer sees before the first piece, and the chain's logit there, the first piece's logit plus
+    the log-probability of the other pieces after it (the logit that gives the new token the chain's
+    probability). Each text is read after an EOS token, its first FIT_CONTEXT tokens.
+    """
+    output = model.get_output_embeddings()
+    if output is None:
+        return {}
+    model.eval()
+    seen: dict[int, list[torch.Tensor]] = defaultdict(list)
+    chain: dict[int, list[float]] = defaultdict(list)
+    captured: list[torch.Tensor] = []
+    hook = output.register_forward_hook(lambda module, args, result: captured.append(args[0]))
+    try:
+        for text in texts:
+            ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]][:FIT_CONTEXT]
+            merged = extended(text, add_special_tokens=False)["input_ids"]
+            if not any(t in pieces for t in merged):
+                continue
+            captured.clear()
+            logits = model(torch.tensor([ids], device=model.device), use_cache=False).logits[0].float()
+            hidden = captured[0][0].float()
+            position = 1  # of the next base token in `ids`
+            for token in merged:
+                chunk = pieces.get(token)
+                if chunk is None:
+                    position += 1
+                    continue
+                end = position + len(chunk)
+                if end > len(ids) or ids[position:end] != chunk:
+                    break  # past FIT_CONTEXT (or not the base segmentation): the rest of the text is not used
+                if len(seen[token]) < FIT_OCCURRENCES:
+                    logp = logits[position - 1:end - 1].log_softmax(-1)
+                    logp = logp.gather(1, torch.tensor(chunk, device=logp.device)[:, None])
+                    seen[token].append(hidden[position - 1].cpu())
+                    chain[token].append(logits[position - 1, chunk[0]].item() + logp[1:].sum().item())
+                position = end
+    finally:
+        hook.remove()
+    return {token: (torch.stack(rows), torch.tensor(chain[token])) for token, rows in seen.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
