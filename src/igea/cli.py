@@ -406,8 +406,9 @@ def add_vocab(commands) -> None:
                         help="text to measure fertility on (default: 5%% of the corpus, left out of the counts)")
     parser.add_argument("--text-column", default="text", help="column of .jsonl/.csv/.parquet files and datasets")
     parser.add_argument("--max-documents", type=int, metavar="N", help="read at most N documents of the corpus")
-    parser.add_argument("--bits-per-byte", action="store_true",
-                        help="also score the base and the extended (untrained) model on the held-out text")
+    parser.add_argument("--bits-per-byte", action=argparse.BooleanOptionalAction, default=True,
+                        help="score the base and the extended (untrained) model in bits per byte on the held-out "
+                             "text, to see what the new rows cost before training (default: on)")
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -437,4 +438,8 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     summary["first_new_tokens"] = [t["token"] for t in report["new_tokens"][:20]]  # as the vocabulary spells them
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     print(f"\nextended model saved in {args.output} (all {len(report['new_tokens'])} new tokens in {REPORT})")
+    if "bits_per_byte" in report:
+        bpb = report["bits_per_byte"]
+        print(f"untrained, it scores {bpb['after']:.4f} bits per byte on {bpb['documents']} held-out documents, "
+              f"the base model {bpb['before']:.4f} ({bpb['change']:+.1%}): what training has to win back first")
     return 0
