@@ -13,7 +13,9 @@ the corpus to adapt to is biomedical Italian. Here:
   vocabulary: same documents, epochs, batch of blocks, learning rate and schedule (so the extended run
   takes fewer steps);
 - everything is scored on the 100 `test` abstracts: fertility (tokens per word), and bits per byte (total
-  NLL / UTF-8 bytes: comparable across tokenizers, unlike per-token loss) before and after training.
+  NLL / UTF-8 bytes: comparable across tokenizers, unlike per-token loss) untrained and at a checkpoint every
+  10% of each run, to find where the extended model breaks even with its base (`--tied`: the same with tied
+  input and output embeddings).
 
 Also measured: on the untrained extended model, other initialisations of the new rows (plain mean of the
 pieces; output rows from the first piece; transformers' `resize_token_embeddings` default);
@@ -21,7 +23,8 @@ pieces; output rows from the first piece; transformers' `resize_token_embeddings
 new BPE merges; and the fertility change with general tokenizers of other sizes (Minerva's is 32768),
 tokenizers only.
 
-    python bench/bench_vocab.py           # vocab 8192, 1,000 new tokens, hidden 128, 2 layers (about 20 min)
+    python bench/bench_vocab.py           # vocab 8192, 1,000 new tokens, hidden 128, 2 layers (about 12 min)
+    python bench/bench_vocab.py --tied --scan-vocab-sizes ''   # the same, tied embeddings
     python bench/bench_vocab.py --quick   # a minute, for CI: the same steps, tiny sizes
 """
 
@@ -43,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Mis
 import igea
 from igea.config import config_from_dict
 from igea.modeling import SPECIAL_TOKENS
-from igea.vocab import REPORT, fertility, learn_merges, save_extended_tokenizer, word_counts
+from igea.vocab import REPORT, fertility, learn_merges, piece_weights, save_extended_tokenizer, word_counts
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ncbi-disease-it"
 
@@ -86,7 +89,7 @@ def random_model(tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace, o
     config = MistralConfig(
         vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size,
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=args.block_size * 4, sliding_window=None, tie_word_embeddings=False,
+        max_position_embeddings=args.block_size * 4, sliding_window=None, tie_word_embeddings=args.tied,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
@@ -96,8 +99,12 @@ def random_model(tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace, o
 
 
 def train_run(name: str, model_dir: Path, corpus: Path, epochs: float, lr: float, args: argparse.Namespace,
-              work: Path, **model: Any) -> tuple[Path, dict[str, Any]]:
-    """`igea train` on `corpus` (no validation split) from `model_dir`; the run directory and its metrics."""
+              work: Path, save_every: float | None = None, **model: Any) -> tuple[Path, dict[str, Any]]:
+    """`igea train` on `corpus` (no validation split) from `model_dir`; the run directory and its metrics.
+
+    `save_every` (a fraction of the run) keeps a checkpoint that often, to score the model along training."""
+    saving = ({"save_strategy": "steps", "save_steps": save_every, "save_total_limit": 1000} if save_every
+              else {"save_strategy": "no"})
     cfg = config_from_dict({
         "model": {"name_or_path": str(model_dir), **model},
         "data": {"path": str(corpus), "block_size": args.block_size, "validation_split": 0,
@@ -106,7 +113,7 @@ def train_run(name: str, model_dir: Path, corpus: Path, epochs: float, lr: float
             "output_dir": str(work / name), "learning_rate": lr, "num_train_epochs": epochs,
             "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
             "warmup_ratio": 0.05, "lr_scheduler_type": "cosine", "weight_decay": 0.0, "seed": 42,
-            "save_strategy": "no", "logging_steps": 10_000, "use_cpu": True, "disable_tqdm": True,
+            **saving, "logging_steps": 10_000, "use_cpu": True, "disable_tqdm": True,
         },
     })
     print(f"training {name}: {epochs:g} epochs on {corpus.name}", flush=True)
@@ -120,10 +127,37 @@ def train_run(name: str, model_dir: Path, corpus: Path, epochs: float, lr: float
     return result.output_dir, stats
 
 
-def score(path: Path, texts: list[str]) -> float:
+def score(path: Path, texts: list[str], tokenizer_dir: Path | None = None) -> float:
     """Bits per byte of the model in `path` on `texts`."""
     model = AutoModelForCausalLM.from_pretrained(path)
-    return igea.bits_per_byte(model, AutoTokenizer.from_pretrained(path), texts)
+    return igea.bits_per_byte(model, AutoTokenizer.from_pretrained(tokenizer_dir or path), texts)
+
+
+def curve(run_dir: Path, untrained: float, stats: dict[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+    """Bits per byte on `texts` at the start and at each checkpoint of a run: step, epochs and tokens trained."""
+    points = [{"step": 0, "epochs": 0.0, "tokens": 0, "bpb": untrained}]
+    for folder in sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        step = int(folder.name.split("-")[1])
+        points.append({"step": step, "epochs": stats["epochs"] * step / stats["steps"],
+                       "tokens": round(stats["train_tokens"] * stats["epochs"] * step / stats["steps"]),
+                       "bpb": score(folder, texts, run_dir)})
+    return points
+
+
+def break_even(base: list[dict[str, Any]], extended: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first point of `extended` at or below the base run's bits per byte after the same text (epochs,
+    the base curve interpolated linearly); None when the extended run never gets there."""
+    for point in extended:
+        after = [p for p in base if p["epochs"] >= point["epochs"]]
+        before = [p for p in base if p["epochs"] <= point["epochs"]]
+        if not after or not before:
+            continue
+        low, high = before[-1], after[0]
+        share = (point["epochs"] - low["epochs"]) / (high["epochs"] - low["epochs"]) if high is not low else 0.0
+        reference = low["bpb"] + share * (high["bpb"] - low["bpb"])
+        if point["bpb"] <= reference:
+            return {**point, "base_bpb": reference}
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,19 +166,29 @@ def score(path: Path, texts: list[str]) -> float:
 
 @torch.no_grad()
 def other_inits(base_dir: Path, extended_dir: Path, texts: list[str]) -> dict[str, float]:
-    """Bits per byte of the untrained extended model with other initialisations of the new rows."""
+    """Bits per byte of the untrained extended model with other initialisations of the new rows (tied
+    embeddings: one row for both, so only the plain mean)."""
     tokenizer = AutoTokenizer.from_pretrained(extended_dir)
     report = json.loads((extended_dir / REPORT).read_text(encoding="utf-8"))
     base = AutoTokenizer.from_pretrained(base_dir)
     results = {}
-    for name, row in (("mean_of_pieces", lambda rows: rows.mean(dim=0)),
-                      ("input_mean_output_first_piece", lambda rows: rows[0])):
+    variants = {
+        "mean_of_pieces": (lambda rows: rows.mean(dim=0), lambda rows: rows.mean(dim=0)),
+        "weighted_means_unfitted": (lambda rows: piece_weights(len(rows), later=True) @ rows,
+                                    lambda rows: piece_weights(len(rows), later=False) @ rows),
+        "input_mean_output_first_piece": (lambda rows: rows.mean(dim=0), lambda rows: rows[0]),
+    }
+    for name, (input_row, output_row) in variants.items():
         model = AutoModelForCausalLM.from_pretrained(extended_dir)
         inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        tied = inputs.data_ptr() == outputs.data_ptr()
+        if tied and name != "mean_of_pieces":
+            continue
         for token in report["new_tokens"]:
             ids = base.convert_tokens_to_ids(token["pieces"])
-            inputs[token["id"]] = inputs[ids].mean(dim=0)
-            outputs[token["id"]] = row(outputs[ids])
+            inputs[token["id"]] = input_row(inputs[ids])
+            if not tied:
+                outputs[token["id"]] = output_row(outputs[ids])
         results[name] = igea.bits_per_byte(model, tokenizer, texts)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     torch.manual_seed(0)
@@ -218,6 +262,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="general tokenizer sizes whose fertility change is measured too ('' for none)")
     parser.add_argument("--limit", type=int, help="use only the first N documents of each split")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (torch.set_num_threads)")
+    parser.add_argument("--tied", action="store_true", help="tied input/output embeddings (as most small models)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a fraction of an epoch (for CI)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -247,8 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"base model: {pretrain}", flush=True)
 
         extend = {"extend_vocabulary": {"num_tokens": args.num_tokens}}
-        runs = {"base": train_run("base", base_dir, work / "adapt.jsonl", args.epochs, 1e-3, args, work),
-                "extended": train_run("extended", base_dir, work / "adapt.jsonl", args.epochs, 1e-3, args, work,
+        runs = {"base": train_run("base", base_dir, work / "adapt.jsonl", args.epochs, 1e-3, args, work, 0.1),
+                "extended": train_run("extended", base_dir, work / "adapt.jsonl", args.epochs, 1e-3, args, work, 0.1,
                                       **extend)}
         extended_dir = work / "extended" / "base-model-extended"
         report = json.loads((extended_dir / REPORT).read_text(encoding="utf-8"))
@@ -257,6 +302,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         untrained = {"base": score(base_dir, test), "extended": score(extended_dir, test),
                      **other_inits(base_dir, extended_dir, test)}
         trained = {name: score(run_dir, test) for name, (run_dir, _) in runs.items()}
+        curves = {name: curve(run_dir, untrained[name], stats, test) for name, (run_dir, stats) in runs.items()}
+        even = break_even(curves["base"], curves["extended"])
         variants = add_tokens_variants(base_dir, adapt, test, args.num_tokens)
     sizes = [int(x) for x in args.scan_vocab_sizes.split(",") if x.strip()]
     scan = fertility_by_vocab_size(sizes, args, adapt, test)
@@ -272,6 +319,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_tokens_change": stats["extended"]["train_tokens"] / stats["base"]["train_tokens"] - 1,
         "bpb_untrained": untrained, "bpb_trained": trained,
         "bpb_trained_change": trained["extended"] / trained["base"] - 1,
+        "tied": args.tied, "bpb_untrained_penalty": untrained["extended"] / untrained["base"] - 1,
+        "bpb_untrained_penalty_plain_mean": untrained["mean_of_pieces"] / untrained["base"] - 1,
+        "curves": curves, "break_even": even,
         "runs": stats, "pretrain": pretrain, "add_tokens": variants, "fertility_by_vocab_size": scan,
         "first_new_tokens": [t["token"] for t in report["new_tokens"][:12]],  # '▁' marks a word start
     }
@@ -280,6 +330,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("bits per byte on test, untrained: " + ", ".join(f"{k} {v:.4f}" for k, v in untrained.items()))
     print(f"bits per byte on test after {args.epochs:g} epochs: base {trained['base']:.4f}, extended "
           f"{trained['extended']:.4f} ({result['bpb_trained_change']:+.2%})")
+    print(f"untrained penalty: {result['bpb_untrained_penalty']:+.1%} (plain mean: "
+          f"{result['bpb_untrained_penalty_plain_mean']:+.1%})")
+    for name, points in curves.items():
+        print(f"{name} along training: " + ", ".join(f"{p['epochs']:.2f} ep {p['bpb']:.4f}" for p in points))
+    print("break-even: " + (f"after {even['epochs']:.2f} epochs ({even['tokens']:,} tokens of the extended run): "
+                            f"{even['bpb']:.4f} vs the base run's {even['base_bpb']:.4f}" if even else "not reached"))
     print(f"add_tokens with {variants['words']} whole words: {variants}")
     print(json.dumps(result, ensure_ascii=False))
     return result
