@@ -28,10 +28,10 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/igea train configs/demo.yaml --overwrite
 
 test: $(VENV)/.dev
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: $(VENV)/.dev
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests bench

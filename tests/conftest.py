@@ -3,16 +3,24 @@ models' traits (build_trait_model)."""
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-import igea
-from igea.config import TinyModelConfig, config_from_dict
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test` runs two workers: each keeps its own datasets cache
+    os.environ["HF_DATASETS_CACHE"] = str(Path(tempfile.gettempdir()) / "igea-tests" / (
+        f"{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'run')}-{os.environ['PYTEST_XDIST_WORKER']}"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and one torch thread: two workers' thread pools would thrash
+
+import igea  # noqa: E402 (after the cache is chosen: datasets reads it once)
+from igea.config import TinyModelConfig, config_from_dict  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ncbi-disease-it"
 
@@ -26,6 +34,23 @@ ITALIAN_DOCS = [
     "L'emoglobina glicata è scesa da 8,1% a 7,2% dopo sei mesi di trattamento.",
     "La risonanza magnetica ha mostrato lesioni della sostanza bianca in 14 pazienti su 20.",
 ]
+
+
+SEVERAL_PROCESSES = ("test_distributed.py::", "test_streaming.py::test_two_ranks",
+                     "test_benchmarks.py::test_prepare_ranks")
+"""Tests that launch several processes: their ranks meet on one port, so they run one at a time."""
+
+
+@pytest.fixture(autouse=True)
+def one_launch_at_a_time(request, tmp_path_factory):
+    """Under `make test`'s two workers (pytest-xdist, one file per worker at a time), a test of
+    SEVERAL_PROCESSES waits for the other worker's to finish (a lock file shared by the workers)."""
+    if not any(key in request.node.nodeid for key in SEVERAL_PROCESSES):
+        yield
+        return
+    with open(tmp_path_factory.getbasetemp().parent / "igea-several-processes.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def real_abstracts(split: str = "train", limit: int | None = None) -> list[str]:
