@@ -9,6 +9,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -116,19 +117,26 @@ class Interrupted(Exception):
     """Stands for a crash right after a checkpoint was written."""
 
 
-def train_until_first_checkpoint(cfg: igea.IgeaConfig, monkeypatch) -> None:
-    """Run `igea.train(cfg)` until its first checkpoint is complete, then stop it as a crash would."""
+def stop_after_each_checkpoint(monkeypatch, error: type[BaseException]) -> Callable[[], None]:
+    """Make training raise `error` as soon as a checkpoint is complete (a crash, or Ctrl-C); returns what puts
+    checkpointing back as it was."""
     trainer_class = importlib.import_module("igea.trainer").IgeaTrainer
     original = trainer_class._save_checkpoint
 
-    def save_then_die(self, model, trial):
+    def save_then_stop(self, model, trial):
         original(self, model, trial)
-        raise Interrupted
+        raise error
 
-    monkeypatch.setattr(trainer_class, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainer_class, "_save_checkpoint", save_then_stop)
+    return lambda: monkeypatch.setattr(trainer_class, "_save_checkpoint", original)
+
+
+def train_until_first_checkpoint(cfg: igea.IgeaConfig, monkeypatch) -> None:
+    """Run `igea.train(cfg)` until its first checkpoint is complete, then stop it as a crash would."""
+    restore = stop_after_each_checkpoint(monkeypatch, Interrupted)
     with pytest.raises(Interrupted):
         igea.train(cfg)
-    monkeypatch.setattr(trainer_class, "_save_checkpoint", original)
+    restore()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shlex
@@ -21,7 +20,7 @@ from igea.cli import main
 from igea.rundir import CHECKPOINT_MARKER, RUN_MARKER
 from igea.runstart import human_size
 
-from conftest import write_config
+from conftest import stop_after_each_checkpoint, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -267,21 +266,14 @@ def test_ctrl_c_says_the_command_that_resumes_and_a_tied_model_resumes_without_m
     assert "lm_head.weight" not in load_file(tied / "model.safetensors")  # one matrix, saved once
     config = write_config(tmp_path, "run", tied, corpus_file, data={"validation_split": 8}, max_steps=6,
                           save_steps=2, eval_steps=6)
-    trainer_class = importlib.import_module("igea.trainer").IgeaTrainer
-    original = trainer_class._save_checkpoint
-
-    def save_then_ctrl_c(self, model, trial):
-        original(self, model, trial)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer_class, "_save_checkpoint", save_then_ctrl_c)
+    restore = stop_after_each_checkpoint(monkeypatch, KeyboardInterrupt)
     capfd.readouterr()
     assert main(["train", str(config), "training.seed=3"]) == 130
     last = capfd.readouterr().err.strip().splitlines()[-1]
     command = f"igea train {config} training.seed=3 --resume"
     assert last == f"igea: interrupted; checkpoint-2 is saved; continue with: {command}"
 
-    monkeypatch.setattr(trainer_class, "_save_checkpoint", original)
+    restore()
     caplog.clear()
     with caplog.at_level("INFO"):
         assert main(shlex.split(command)[1:]) == 0
