@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,12 @@ ITALIAN_DOCS = [
     "L'emoglobina glicata è scesa da 8,1% a 7,2% dopo sei mesi di trattamento.",
     "La risonanza magnetica ha mostrato lesioni della sostanza bianca in 14 pazienti su 20.",
 ]
+
+
+def pytest_sessionfinish(session) -> None:
+    """A worker's own datasets cache goes with it."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shutil.rmtree(os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 
 SEVERAL_PROCESSES = ("test_distributed.py::", "test_streaming.py::test_two_ranks",

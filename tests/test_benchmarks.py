@@ -64,6 +64,13 @@ def test_vocab_benchmark_extends_a_general_tokenizer_and_trains_both_vocabularie
     assert all(0 < v < 20 for v in [*result["bpb_untrained"].values(), *result["bpb_trained"].values()])
     assert result["add_tokens"]["plain"]["starting_inside_words"] > 0 == result["add_tokens"]["leading_space"][
         "starting_inside_words"]
+    for name, points in result["curves"].items():  # scored untrained, then at each checkpoint to the end
+        assert points[0]["step"] == 0 and points[0]["bpb"] == result["bpb_untrained"][name]
+        assert points[-1]["step"] == result["runs"][name]["steps"]
+        assert points[-1]["bpb"] == pytest.approx(result["bpb_trained"][name], rel=1e-6)
+        assert [p["step"] for p in points] == sorted({p["step"] for p in points}) and len(points) >= 5
+    assert result["bpb_untrained_penalty"] == pytest.approx(
+        result["bpb_untrained"]["extended"] / result["bpb_untrained"]["base"] - 1)
 
 
 def test_eval_benchmark_scores_the_same_blocks_as_run_clms_evaluation():

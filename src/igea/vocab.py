@@ -13,8 +13,9 @@ Each new token's embeddings start from the base pieces it is made of: the input 
 leaning on the last pieces (what the model has read when the word ends); the output embedding is fitted so
 that, where the token occurs in the corpus, its logit is what the base model gave the whole chain of pieces
 (the first piece's logit plus the log-probability of the others after it), starting from a weighted mean that
-leans on the first pieces. The extended model, untrained, then predicts a new token about as the base model
-predicted its pieces (Hewitt 2021 on why the mean alone is not enough). Only BPE tokenizers
+leans on the first pieces. Tied embeddings stay tied: their one row starts as the plain mean and is fitted the
+same way. The extended model, untrained, then predicts a new token about as the base model predicted its
+pieces (Hewitt 2021 on why the mean alone is not enough). Only BPE tokenizers
 (byte-level as GPT-2 and Llama 3, or SentencePiece-style with '▁' as Mistral, Llama 2 and Minerva) can be
 extended this way.
 """
@@ -64,6 +65,7 @@ MIN_COUNT = 2
 FIT_DOCUMENTS = 1000
 """Corpus documents the base model reads to fit the new output rows (the first ones, up to FIT_CONTEXT tokens)."""
 FIT_CONTEXT = 512
+"""Tokens of each of those documents read (the rest of a longer document is not used)."""
 FIT_OCCURRENCES = 64
 """Occurrences of a new token used in its fit, at most."""
 RIDGE = 1.0
