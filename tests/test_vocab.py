@@ -288,6 +288,14 @@ def test_cli_writes_an_extended_model_and_its_report(tiny_model_dir, corpus_file
     assert (out / "model.safetensors").is_file() and not (out.parent / "ext.tmp").exists()
 
 
+def test_cli_without_bits_per_byte_scores_nothing(tiny_model_dir, corpus_file, tmp_path, capsys):
+    out = tmp_path / "ext"
+    assert main(["vocab", str(tiny_model_dir), "--corpus", str(corpus_file), "--num-tokens", "20",
+                 "--output", str(out), "--no-bits-per-byte"]) == 0
+    assert "bits per byte" not in capsys.readouterr().out
+    assert "bits_per_byte" not in json.loads((out / REPORT).read_text(encoding="utf-8"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--num-tokens", "0"], "--num-tokens: 0 is not allowed"),
     (["--corpus", "missing/*.txt"], "--corpus: no file matches 'missing/*.txt'"),
