@@ -17,8 +17,9 @@ the corpus to adapt to is biomedical Italian. Here:
   10% of each run, to find where the extended model breaks even with its base (`--tied`: the same with tied
   input and output embeddings).
 
-Also measured: on the untrained extended model, other initialisations of the new rows (plain mean of the
-pieces; output rows from the first piece; transformers' `resize_token_embeddings` default);
+Also measured: on the untrained extended model, other initialisations of the new rows (igea's fit without
+its distillation; plain mean of the pieces; output rows from the first piece; transformers'
+`resize_token_embeddings` default);
 `tokenizer.add_tokens` with the same number of whole words (with and without their leading space) instead of
 new BPE merges; and the fertility change with general tokenizers of other sizes (Minerva's is 32768),
 tokenizers only.
@@ -46,7 +47,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Mis
 import igea
 from igea.config import config_from_dict
 from igea.modeling import SPECIAL_TOKENS
-from igea.vocab import REPORT, fertility, learn_merges, piece_weights, save_extended_tokenizer, word_counts
+from igea.vocab import (
+    FIT_DOCUMENTS,
+    REPORT,
+    fertility,
+    learn_merges,
+    piece_weights,
+    read_with_base,
+    resize_and_initialise,
+    save_extended_tokenizer,
+    word_counts,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ncbi-disease-it"
 
@@ -165,13 +176,19 @@ def break_even(base: list[dict[str, Any]], extended: list[dict[str, Any]]) -> di
 
 
 @torch.no_grad()
-def other_inits(base_dir: Path, extended_dir: Path, texts: list[str]) -> dict[str, float]:
-    """Bits per byte of the untrained extended model with other initialisations of the new rows (tied
-    embeddings: one row for both, so only the plain mean)."""
+def other_inits(base_dir: Path, extended_dir: Path, texts: list[str], corpus: list[str]) -> dict[str, float]:
+    """Bits per byte of the untrained extended model with other initialisations of the new rows: igea's
+    without its distillation (rows fitted to the chain of pieces on `corpus`), and means (tied embeddings:
+    one row for both, so only the plain mean)."""
     tokenizer = AutoTokenizer.from_pretrained(extended_dir)
     report = json.loads((extended_dir / REPORT).read_text(encoding="utf-8"))
     base = AutoTokenizer.from_pretrained(base_dir)
-    results = {}
+    new_ids = [t["id"] for t in report["new_tokens"]]
+    pieces = [base.convert_tokens_to_ids(t["pieces"]) for t in report["new_tokens"]]
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    reading = read_with_base(model, base, tokenizer, corpus[:FIT_DOCUMENTS], dict(zip(new_ids, pieces, strict=True)))
+    resize_and_initialise(model, new_ids, pieces, reading.contexts)
+    results = {"fitted_not_distilled": igea.bits_per_byte(model, tokenizer, texts)}
     variants = {
         "mean_of_pieces": (lambda rows: rows.mean(dim=0), lambda rows: rows.mean(dim=0)),
         "weighted_means_unfitted": (lambda rows: piece_weights(len(rows), later=True) @ rows,
@@ -300,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fertility_base = fertility(AutoTokenizer.from_pretrained(base_dir), test)
         fertility_ext = fertility(AutoTokenizer.from_pretrained(extended_dir), test)
         untrained = {"base": score(base_dir, test), "extended": score(extended_dir, test),
-                     **other_inits(base_dir, extended_dir, test)}
+                     **other_inits(base_dir, extended_dir, test, adapt)}
         trained = {name: score(run_dir, test) for name, (run_dir, _) in runs.items()}
         curves = {name: curve(run_dir, untrained[name], stats, test) for name, (run_dir, stats) in runs.items()}
         even = break_even(curves["base"], curves["extended"])

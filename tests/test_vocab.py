@@ -17,7 +17,7 @@ import igea
 from igea.basemodel import base_model_path, load_tokenizer
 from igea.cli import main
 from igea.config import config_from_dict
-from igea.vocab import REPORT, chain_contexts, hold_out, words
+from igea.vocab import REPORT, hold_out, read_with_base, resize_and_initialise, words
 
 from conftest import build_trait_model, config_dict, make_config, real_abstracts, write_config
 
@@ -105,12 +105,29 @@ def test_old_ids_and_old_rows_are_unchanged(tiny_model_dir, extended):
         assert torch.allclose(new(ids).logits[..., :n], old(ids).logits, atol=1e-5)
 
 
-def test_new_input_rows_are_weighted_means_of_their_pieces(tiny_model_dir, extended):
+def start_model(base_dir: Path, report: dict, contexts: dict | None = None) -> torch.nn.Module:
+    """The base model grown for the report's new tokens, their rows as `resize_and_initialise` starts them
+    from `contexts` (before the distillation); without contexts, the weighted means (tied: the mean)."""
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    resize_and_initialise(model, [t["id"] for t in report["new_tokens"]],
+                          [tokenizer.convert_tokens_to_ids(t["pieces"]) for t in report["new_tokens"]], contexts)
+    return model
+
+
+def base_reading(base_dir: Path, extended_dir: Path, report: dict, texts: list[str]):
+    """`read_with_base` of `texts` with the base model, for the report's new tokens."""
+    base_tok, extended_tok = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(extended_dir)
+    pieces = {t["id"]: base_tok.convert_tokens_to_ids(t["pieces"]) for t in report["new_tokens"]}
+    return read_with_base(AutoModelForCausalLM.from_pretrained(base_dir), base_tok, extended_tok, texts, pieces)
+
+
+def test_new_input_rows_start_as_weighted_means_of_their_pieces(tiny_model_dir, extended):
     """Each piece weighs twice the one before it (what the model has read when the word ends)."""
-    out, report = extended
+    _, report = extended
     base = AutoTokenizer.from_pretrained(tiny_model_dir)
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight
-    after = AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight
+    after = start_model(tiny_model_dir, report).get_input_embeddings().weight
     for token in report["new_tokens"]:
         ids = base.convert_tokens_to_ids(token["pieces"])
         assert "".join(token["pieces"]) == token["token"] and len(ids) >= 2
@@ -119,38 +136,68 @@ def test_new_input_rows_are_weighted_means_of_their_pieces(tiny_model_dir, exten
 
 
 def chain_fit_errors(base_dir: Path, extended_dir: Path, report: dict, texts: list[str]) -> tuple[float, float, int]:
-    """Mean |logit - chain logit| of the new tokens where they occur in `texts`: with the extended model's
-    output rows, and with the rows the fit starts from (weighted means, first piece heaviest; tied: the mean)."""
-    base_tok, extended_tok = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(extended_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    tied = base.get_output_embeddings().weight.data_ptr() == base.get_input_embeddings().weight.data_ptr()
-    rows = base.get_output_embeddings().weight
-    fitted = AutoModelForCausalLM.from_pretrained(extended_dir).get_output_embeddings().weight
-    pieces = {t["id"]: base_tok.convert_tokens_to_ids(t["pieces"]) for t in report["new_tokens"]}
-    contexts = chain_contexts(base, base_tok, extended_tok, texts, pieces)
+    """Mean |logit - chain logit| of the new tokens where they occur in `texts`: with the output rows fitted
+    to them, and with the rows the fit starts from (weighted means, first piece heaviest; tied: the mean)."""
+    contexts = base_reading(base_dir, extended_dir, report, texts).contexts
+    fitted = start_model(base_dir, report, contexts).get_output_embeddings().weight
+    start = start_model(base_dir, report).get_output_embeddings().weight
     errors_fit, errors_start = [], []
     with torch.no_grad():
         for token, (hidden, chain) in contexts.items():
-            ids = pieces[token]
-            weights = torch.ones(len(ids)) if tied else torch.tensor([2.0 ** -i for i in range(len(ids))])
-            start = weights / weights.sum() @ rows[ids]
             errors_fit.append((hidden @ fitted[token] - chain).abs().mean())
-            errors_start.append((hidden @ start - chain).abs().mean())
+            errors_start.append((hidden @ start[token] - chain).abs().mean())
     return float(torch.stack(errors_fit).mean()), float(torch.stack(errors_start).mean()), len(contexts)
 
 
-def test_new_output_rows_give_the_chain_of_pieces_logit_where_the_token_occurs(tiny_model_dir, extended):
-    """Untrained, the extended model should predict a new token as the base model predicted its pieces: where
-    the token occurs in the corpus, its logit is fitted to the first piece's logit plus the log-probability
-    of the other pieces after it. Tokens that do not occur keep the weighted mean."""
+def test_new_output_rows_are_fitted_to_the_chain_of_pieces_logit_where_the_token_occurs(tiny_model_dir, extended):
+    """The extended model should predict a new token as the base model predicted its pieces: where the token
+    occurs in the corpus, its logit is fitted to the first piece's logit plus the log-probability of the
+    other pieces after it."""
     out, report = extended
-    texts = real_abstracts("train")
-    fit, start, fitted = chain_fit_errors(tiny_model_dir, out, report, texts)
+    fit, start, fitted = chain_fit_errors(tiny_model_dir, out, report, real_abstracts("train"))
     assert fitted == report["fitted_tokens"] > 0.9 * report["tokens_added"]
     assert fit < 0.5 * start, (fit, start)
 
 
-def test_tied_rows_are_fitted_too_and_stay_one_matrix(tmp_path):
+@torch.no_grad()
+def shortfall(model: torch.nn.Module, documents: list) -> float:
+    """Mean squared shortfall of `model`'s log-probability of each extended token below the base model's of
+    its pieces (`BaseReading.documents`): what the distillation makes small."""
+    total, count = 0.0, 0
+    for ids, target in documents:
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+        logp = logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        total += float(((target - logp).clamp_min(0) ** 2).sum())
+        count += len(target)
+    return total / count
+
+
+def check_distilled(base_dir: Path, extended_dir: Path, report: dict, texts: list[str], heldout: list[str]) -> None:
+    """Only the new rows moved, and on held-out text the extended model now falls short of the base model's
+    log-probabilities less than with the rows the distillation started from (fitted on `texts`)."""
+    base, model = AutoModelForCausalLM.from_pretrained(base_dir), AutoModelForCausalLM.from_pretrained(extended_dir)
+    rows = len(AutoTokenizer.from_pretrained(base_dir))
+    new_params = dict(model.named_parameters())
+    for name, parameter in base.named_parameters():
+        assert torch.equal(new_params[name][:rows] if "embed" in name or "lm_head" in name else new_params[name],
+                           parameter), name
+    documents = base_reading(base_dir, extended_dir, report, heldout).documents
+    contexts = base_reading(base_dir, extended_dir, report, texts).contexts
+    start = start_model(base_dir, report, contexts)
+    start_rows = start.get_input_embeddings().weight[rows:]
+    assert not torch.equal(model.get_input_embeddings().weight[rows:], start_rows)
+    after, before = shortfall(model, documents), shortfall(start, documents)
+    assert after < 0.9 * before, (after, before)
+    assert report["distillation"]["loss"]["change"] < -0.1
+    assert report["distillation"]["steps"] == math.ceil(report["distillation"]["documents"] / 4)
+
+
+def test_new_rows_alone_are_distilled_from_the_base_model(tiny_model_dir, extended):
+    out, report = extended
+    check_distilled(tiny_model_dir, out, report, real_abstracts("train"), real_abstracts("test", 40))
+
+
+def test_tied_rows_are_fitted_and_distilled_too_and_stay_one_matrix(tmp_path):
     texts = real_abstracts("train")
     base_dir = build_trait_model("tied", texts, tmp_path / "tied")
     report = igea.extend_vocabulary(str(base_dir), texts, 60, tmp_path / "ext", heldout_texts=texts[:5])
@@ -158,6 +205,7 @@ def test_tied_rows_are_fitted_too_and_stay_one_matrix(tmp_path):
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     fit, start, fitted = chain_fit_errors(base_dir, tmp_path / "ext", report, texts)
     assert fitted == report["fitted_tokens"] > 0 and fit < 0.5 * start, (fit, start)
+    check_distilled(base_dir, tmp_path / "ext", report, texts, real_abstracts("test", 40))
 
 
 def test_fertility_drops_on_held_out_text(tiny_model_dir, extended):

@@ -14,8 +14,12 @@ leaning on the last pieces (what the model has read when the word ends); the out
 that, where the token occurs in the corpus, its logit is what the base model gave the whole chain of pieces
 (the first piece's logit plus the log-probability of the others after it), starting from a weighted mean that
 leans on the first pieces. Tied embeddings stay tied: their one row starts as the plain mean and is fitted the
-same way. The extended model, untrained, then predicts a new token about as the base model predicted its
-pieces (Hewitt 2021 on why the mean alone is not enough). Only BPE tokenizers
+same way. Then the new rows, and only they, are distilled from the base model: one pass over the fit
+documents moves them so that the extended model gives no token of the text less log-probability than the
+base model gave its pieces there. This teaches the new rows what one row cannot get from a mean: where not to
+fire (a word seen earlier in a text is not the next word everywhere), and what a tied row must do as input
+and output at once. The extended model, untrained, then reads text about as the base model did (Hewitt 2021
+on why the mean alone is not enough; BENCHMARKS.md measures each step). Only BPE tokenizers
 (byte-level as GPT-2 and Llama 3, or SentencePiece-style with '▁' as Mistral, Llama 2 and Minerva) can be
 extended this way.
 """
@@ -70,9 +74,15 @@ FIT_OCCURRENCES = 64
 """Occurrences of a new token used in its fit, at most."""
 RIDGE = 1.0
 """Strength of the fit's pull towards the starting row, relative to the mean squared norm of the hidden states."""
+DISTIL_BATCH = 4
+"""Fit documents per step of the distillation (one pass over them)."""
+DISTIL_LR = 0.05
+"""Adam step size of the distillation, relative to the standard deviation of the base's rows of each matrix."""
 INIT = ("input rows: weighted means of the pieces' rows, each piece twice the one before it; output rows: weighted "
         "means, each piece half the one before it, fitted (ridge) so that the token's logit where it occurs in the "
-        "corpus is its chain of pieces' logit in the base model; tied rows: the plain mean, fitted the same way")
+        "corpus is its chain of pieces' logit in the base model; tied rows: the plain mean, fitted the same way; "
+        "then the new rows alone distilled from the base model on the fit documents (no token's log-probability "
+        "below its pieces' log-probability in the base model)")
 
 WORD_START = re.compile("(?=\u2581)")  # SentencePiece-style text is one piece: split it before each '▁'
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # byte-fallback tokens are not text and are never merged
@@ -129,8 +139,13 @@ def extend_vocabulary(
     pieces = base_pieces(merges)
     piece_ids = [tokenizer.convert_tokens_to_ids(pieces[t]) for t in tokens]
     by_id = dict(zip(new_ids, piece_ids, strict=True))
-    contexts = chain_contexts(lm, tokenizer, extended, texts[:FIT_DOCUMENTS], by_id)
-    resize_and_initialise(lm, new_ids, piece_ids, contexts)
+    reading = read_with_base(lm, tokenizer, extended, texts[:FIT_DOCUMENTS], by_id)
+    resize_and_initialise(lm, new_ids, piece_ids, reading.contexts)
+    distilled = distil(lm, reading.documents, new_ids)
+    if distilled["loss"]:
+        logger.info("new rows distilled from %s on %d documents (%d tokens): mean squared shortfall %.3f -> %.3f",
+                    model, distilled["documents"], distilled["tokens"], distilled["loss"]["before"],
+                    distilled["loss"]["after"])
     lm.save_pretrained(tmp)
 
     heldout = list(heldout_texts) if heldout_texts else list(texts)
@@ -144,7 +159,8 @@ def extend_vocabulary(
         "vocab_size": {"before": len(tokenizer), "after": len(extended)},
         "embedding_rows": lm.get_input_embeddings().num_embeddings,
         "init": INIT,
-        "fitted_tokens": len(contexts),
+        "fitted_tokens": len(reading.contexts),
+        "distillation": distilled,
         "fertility": compare(fertility(tokenizer, heldout), fertility(extended, heldout)),
         "corpus_tokens": compare(count_tokens(tokenizer, texts), count_tokens(extended, texts)),
     }
@@ -354,7 +370,7 @@ def resize_and_initialise(model: PreTrainedModel, new_ids: list[int], piece_ids:
 
     Input rows: weighted means, each piece twice the one before it (what the model has read when a word
     ends). Output rows: weighted means the other way (what must be predicted first), then fitted to
-    `contexts` (`chain_contexts`) where the token occurs there. Tied rows: the plain mean, fitted the same
+    `contexts` (`BaseReading.contexts`) where the token occurs there. Tied rows: the plain mean, fitted the same
     way. Measured on held-out text against the plain mean and transformers' default: BENCHMARKS.md.
     """
     contexts = contexts or {}
@@ -390,51 +406,121 @@ def fit_row(start: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | No
     return start + hidden.T @ torch.linalg.solve(gram + ridge * eye, target - hidden @ start)
 
 
-@torch.no_grad()
-def chain_contexts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, extended: PreTrainedTokenizerBase,
-                   texts: Sequence[str], pieces: dict[int, list[int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Where each new token occurs in `texts`, what the base `model` makes of its chain of pieces.
+@dataclass
+class BaseReading:
+    """What the base model makes of the fit documents: what the new rows are fitted to."""
 
-    For each new token id (`pieces`: its base token ids), up to FIT_OCCURRENCES occurrences: the hidden state
-    the output layer sees before the first piece, and the chain's logit there, the first piece's logit plus
-    the log-probability of the other pieces after it (the logit that gives the new token the chain's
-    probability). Each text is read after an EOS token, its first FIT_CONTEXT tokens.
+    contexts: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    """Per new token id, up to FIT_OCCURRENCES occurrences: the hidden state the output layer sees before the
+    token's first piece, and the chain's logit there (the logit that gives the new token the chain's probability)."""
+    documents: list[tuple[list[int], torch.Tensor]]
+    """Per document: its extended token ids after an EOS token, and for each of them (after the EOS) the base
+    model's log-probability of its pieces there."""
+
+
+@torch.no_grad()
+def read_with_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, extended: PreTrainedTokenizerBase,
+                   texts: Sequence[str], pieces: dict[int, list[int]]) -> BaseReading:
+    """Read `texts` with the base `model`, each after an EOS token, its first FIT_CONTEXT base tokens.
+
+    `pieces` gives each new token id's base token ids. The chain's logit is the first piece's logit plus the
+    log-probability of the other pieces after it. A document's extended tokens are followed only as far as
+    they line up with its base tokens (all of it, unless cut by FIT_CONTEXT).
     """
-    output = model.get_output_embeddings()
-    if output is None:
-        return {}
     model.eval()
+    output = model.get_output_embeddings()
     seen: dict[int, list[torch.Tensor]] = defaultdict(list)
     chain: dict[int, list[float]] = defaultdict(list)
+    documents: list[tuple[list[int], torch.Tensor]] = []
     captured: list[torch.Tensor] = []
-    hook = output.register_forward_hook(lambda module, args, result: captured.append(args[0]))
+    hook = output.register_forward_hook(lambda module, args, result: captured.append(args[0])) if output else None
     try:
         for text in texts:
             ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]][:FIT_CONTEXT]
-            merged = extended(text, add_special_tokens=False)["input_ids"]
-            if not any(t in pieces for t in merged):
+            if len(ids) < 2:
                 continue
             captured.clear()
             logits = model(torch.tensor([ids], device=model.device), use_cache=False).logits[0].float()
-            hidden = captured[0][0].float()
+            logp = logits[:-1].log_softmax(-1).gather(1, torch.tensor(ids[1:], device=logits.device)[:, None])[:, 0]
+            merged, targets = [tokenizer.eos_token_id], []
             position = 1  # of the next base token in `ids`
-            for token in merged:
-                chunk = pieces.get(token)
-                if chunk is None:
-                    position += 1
-                    continue
+            for token in extended(text, add_special_tokens=False)["input_ids"]:
+                chunk = pieces.get(token, [token])
                 end = position + len(chunk)
                 if end > len(ids) or ids[position:end] != chunk:
                     break  # past FIT_CONTEXT (or not the base segmentation): the rest of the text is not used
-                if len(seen[token]) < FIT_OCCURRENCES:
-                    logp = logits[position - 1:end - 1].log_softmax(-1)
-                    logp = logp.gather(1, torch.tensor(chunk, device=logp.device)[:, None])
-                    seen[token].append(hidden[position - 1].cpu())
-                    chain[token].append(logits[position - 1, chunk[0]].item() + logp[1:].sum().item())
+                if token in pieces and captured and len(seen[token]) < FIT_OCCURRENCES:
+                    seen[token].append(captured[0][0, position - 1].float().cpu())
+                    chain[token].append(logits[position - 1, chunk[0]].item() + logp[position:end - 1].sum().item())
+                merged.append(token)
+                targets.append(logp[position - 1:end - 1].sum().item())
                 position = end
+            if targets:
+                documents.append((merged, torch.tensor(targets)))
     finally:
-        hook.remove()
-    return {token: (torch.stack(rows), torch.tensor(chain[token])) for token, rows in seen.items()}
+        if hook is not None:
+            hook.remove()
+    contexts = {token: (torch.stack(rows), torch.tensor(chain[token])) for token, rows in seen.items()}
+    return BaseReading(contexts, documents)
+
+
+def distil(model: PreTrainedModel, documents: list[tuple[list[int], torch.Tensor]],
+           new_ids: list[int]) -> dict[str, Any]:
+    """Move the new rows of the extended `model`, and nothing else, towards the base model it was made from.
+
+    One pass over `documents` (`BaseReading.documents`), DISTIL_BATCH at a time, Adam on the mean squared
+    shortfall of the extended model's log-probability of each token below the base model's of its pieces: a
+    new token predicted where it does not come (so the token that does come gets less than in the base
+    model), or too rarely where it does, is corrected, and so is what a new token's input row makes the model
+    predict after it. A token already as likely as in the base model adds nothing: the base model is the
+    floor to reach, not a text to learn. Returns the documents, tokens and steps, and the loss of the first
+    and last tenth of the steps.
+    """
+    from datasets.utils.tqdm import tqdm
+
+    matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}
+    rows = torch.tensor(new_ids, device=model.device)
+    trainable = [(weight, torch.nn.Parameter(weight.detach()[rows].float())) for weight in matrices.values()]
+    scales = [weight.detach()[:min(new_ids)].float().std().item() for weight, _ in trainable]
+    optimizer = torch.optim.Adam([{"params": [new], "lr": DISTIL_LR * scale}
+                                  for (_, new), scale in zip(trainable, scales, strict=True)])
+    wanted = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    model.requires_grad_(False)
+    for weight, _ in trainable:
+        weight.requires_grad_(True)
+    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(0)).tolist()
+    losses, tokens = [], 0
+    try:
+        for start in tqdm(range(0, len(order), DISTIL_BATCH), desc="Fitting the new rows", unit=" steps"):
+            batch = [documents[i] for i in order[start:start + DISTIL_BATCH]]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.tensor([ids + [ids[0]] * (width - len(ids)) for ids, _ in batch], device=model.device)
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=model.device)
+            target = torch.zeros(len(batch), width - 1, device=model.device)
+            for i, (_, values) in enumerate(batch):
+                target[i, :len(values)] = values.to(model.device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            counted = mask[:, 1:].float()
+            loss = ((target - logp).clamp_min(0) ** 2 * counted).sum() / counted.sum()
+            loss.backward()
+            for weight, new in trainable:
+                new.grad = weight.grad[rows].float()
+                weight.grad = None
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                for weight, new in trainable:
+                    weight[rows] = new.to(weight.dtype)
+            losses.append(loss.item())
+            tokens += int(counted.sum())
+    finally:
+        for parameter, flag in zip(model.parameters(), wanted, strict=True):
+            parameter.requires_grad_(flag)
+    tenth = max(1, len(losses) // 10)
+    return {"documents": len(documents), "tokens": tokens, "steps": len(losses),
+            "loss": compare(sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth) if losses else None}
 
 
 # ----------------------------------------------------------------------------------------------------------
