@@ -478,7 +478,8 @@ def distil(model: PreTrainedModel, documents: list[tuple[list[int], torch.Tensor
     """
     from datasets.utils.tqdm import tqdm
 
-    matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}
+    matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                if m is not None}
     rows = torch.tensor(new_ids, device=model.device)
     trainable = [(weight, torch.nn.Parameter(weight.detach()[rows].float())) for weight in matrices.values()]
     scales = [weight.detach()[:min(new_ids)].float().std().item() for weight, _ in trainable]
