@@ -47,17 +47,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Mis
 import igea
 from igea.config import config_from_dict
 from igea.modeling import SPECIAL_TOKENS
-from igea.vocab import (
-    FIT_DOCUMENTS,
-    REPORT,
-    fertility,
-    learn_merges,
-    piece_weights,
-    read_with_base,
-    resize_and_initialise,
-    save_extended_tokenizer,
-    word_counts,
-)
+from igea.newrows import FIT_DOCUMENTS, piece_weights, read_with_base, resize_and_initialise
+from igea.vocab import REPORT, fertility, learn_merges, save_extended_tokenizer, word_counts
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ncbi-disease-it"
 

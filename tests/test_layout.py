@@ -15,7 +15,7 @@ LAYERS = [
     {"rundir", "blockstore", "preemption"},
     {"streaming", "runstart"},
     {"data"},
-    {"modeling"},
+    {"modeling", "newrows"},
     {"vocab", "tasks", "tracking"},
     {"basemodel"},
     {"lora", "preflight", "arguments"},

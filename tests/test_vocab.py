@@ -17,7 +17,8 @@ import igea
 from igea.basemodel import base_model_path, load_tokenizer
 from igea.cli import main
 from igea.config import config_from_dict
-from igea.vocab import REPORT, hold_out, read_with_base, resize_and_initialise, words
+from igea.newrows import read_with_base, resize_and_initialise
+from igea.vocab import REPORT, hold_out, words
 
 from conftest import build_trait_model, config_dict, make_config, real_abstracts, write_config
 

@@ -9,17 +9,8 @@ text gets its new token whatever precedes or follows it. (`tokenizer.add_tokens`
 tokens are matched in the raw text before pre-tokenization, inside longer words too, and the space before a
 word is left as a token of its own; `bench/bench_vocab.py` measures both.)
 
-Each new token's embeddings start from the base pieces it is made of: the input embedding is a weighted mean
-leaning on the last pieces (what the model has read when the word ends); the output embedding is fitted so
-that, where the token occurs in the corpus, its logit is what the base model gave the whole chain of pieces
-(the first piece's logit plus the log-probability of the others after it), starting from a weighted mean that
-leans on the first pieces. Tied embeddings stay tied: their one row starts as the plain mean and is fitted the
-same way. Then the new rows, and only they, are distilled from the base model: one pass over the fit
-documents moves them so that the extended model gives no token of the text less log-probability than the
-base model gave its pieces there. This teaches the new rows what one row cannot get from a mean: where not to
-fire (a word seen earlier in a text is not the next word everywhere), and what a tied row must do as input
-and output at once. The extended model, untrained, then reads text about as the base model did (Hewitt 2021
-on why the mean alone is not enough; BENCHMARKS.md measures each step). Only BPE tokenizers
+Each new token's embeddings start from the base pieces it is made of, fitted and distilled so that the
+extended model, untrained, reads text about as the base model did (`igea.newrows`). Only BPE tokenizers
 (byte-level as GPT-2 and Llama 3, or SentencePiece-style with '▁' as Mistral, Llama 2 and Minerva) can be
 extended this way.
 """
@@ -52,6 +43,7 @@ from igea.modeling import (
     load_causal_lm,
     to_device,
 )
+from igea.newrows import FIT_DOCUMENTS, INIT, distil, read_with_base, resize_and_initialise
 from igea.rundir import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -66,24 +58,6 @@ BPB_DOCUMENTS = 200
 """Held-out documents scored for bits per byte (the first ones), when asked to."""
 MIN_COUNT = 2
 """A merge must save at least this many tokens in the corpus to become a new token."""
-FIT_DOCUMENTS = 1000
-"""Corpus documents the base model reads to fit the new output rows (the first ones, up to FIT_CONTEXT tokens)."""
-FIT_CONTEXT = 512
-"""Tokens of each of those documents read (the rest of a longer document is not used)."""
-FIT_OCCURRENCES = 64
-"""Occurrences of a new token used in its fit, at most."""
-RIDGE = 1.0
-"""Strength of the fit's pull towards the starting row, relative to the mean squared norm of the hidden states."""
-DISTIL_BATCH = 4
-"""Fit documents per step of the distillation (one pass over them)."""
-DISTIL_LR = 0.05
-"""Adam step size of the distillation, relative to the standard deviation of the base's rows of each matrix."""
-INIT = ("input rows: weighted means of the pieces' rows, each piece twice the one before it; output rows: weighted "
-        "means, each piece half the one before it, fitted (ridge) so that the token's logit where it occurs in the "
-        "corpus is its chain of pieces' logit in the base model; tied rows: the plain mean, fitted the same way; "
-        "then the new rows alone distilled from the base model on the fit documents (no token's log-probability "
-        "below its pieces' log-probability in the base model)")
-
 WORD_START = re.compile("(?=\u2581)")  # SentencePiece-style text is one piece: split it before each '▁'
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # byte-fallback tokens are not text and are never merged
 
@@ -321,7 +295,7 @@ def base_pieces(merges: list[Merge]) -> dict[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Writing the extended tokenizer and model
+# Writing the extended tokenizer
 
 
 def save_extended_tokenizer(tokenizer: PreTrainedTokenizerBase, merges: list[Merge], tokens: list[str],
@@ -354,174 +328,6 @@ def check_ids(tokenizer: PreTrainedTokenizerBase, tokens: list[str], new_ids: li
     if got != new_ids:
         raise IgeaError(f"the extended tokenizer ({type(tokenizer).__name__}) did not keep the new tokens' ids; "
                         "this tokenizer class cannot be extended")
-
-
-def piece_weights(count: int, later: bool) -> torch.Tensor:
-    """Weights of a new token's `count` pieces: each piece weighs twice the one before it (`later`) or half."""
-    weights = 2.0 ** torch.arange(count, dtype=torch.float32)
-    weights = weights if later else weights.flip(0)
-    return weights / weights.sum()
-
-
-@torch.no_grad()
-def resize_and_initialise(model: PreTrainedModel, new_ids: list[int], piece_ids: list[list[int]],
-                          contexts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-    """Grow the embedding matrices to hold `new_ids` and give each new row its start from its pieces' rows.
-
-    Input rows: weighted means, each piece twice the one before it (what the model has read when a word
-    ends). Output rows: weighted means the other way (what must be predicted first), then fitted to
-    `contexts` (`BaseReading.contexts`) where the token occurs there. Tied rows: the plain mean, fitted the same
-    way. Measured on held-out text against the plain mean and transformers' default: BENCHMARKS.md.
-    """
-    contexts = contexts or {}
-    rows = max(model.get_input_embeddings().num_embeddings, max(new_ids) + 1)
-    if rows != model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(rows, mean_resizing=False)
-    inputs = model.get_input_embeddings().weight
-    output = model.get_output_embeddings()
-    tied = output is None or output.weight.data_ptr() == inputs.data_ptr()
-    for new_id, ids in zip(new_ids, piece_ids, strict=True):
-        pieces = inputs[ids].float()
-        if tied:
-            row = fit_row(pieces.mean(dim=0), contexts.get(new_id)) if output is not None else pieces.mean(dim=0)
-            inputs[new_id] = row.to(inputs.dtype)
-            continue
-        inputs[new_id] = (piece_weights(len(ids), later=True) @ pieces).to(inputs.dtype)
-        start = piece_weights(len(ids), later=False) @ output.weight[ids].float()
-        output.weight[new_id] = fit_row(start, contexts.get(new_id)).to(output.weight.dtype)
-
-
-def fit_row(start: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """`start` moved, as little as ridge regression allows, so that hidden states `H` give logits `y`.
-
-    Solved in its dual form (one small system per token, of the size of its occurrences):
-    `start + Hᵀ (H Hᵀ + λ I)⁻¹ (y - H start)`, with λ = RIDGE × the mean of |h|².
-    """
-    if context is None:
-        return start
-    hidden, target = (t.to(start.device, torch.float32) for t in context)
-    gram = hidden @ hidden.T
-    ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(gram.shape[0], device=gram.device)
-    return start + hidden.T @ torch.linalg.solve(gram + ridge * eye, target - hidden @ start)
-
-
-@dataclass
-class BaseReading:
-    """What the base model makes of the fit documents: what the new rows are fitted to."""
-
-    contexts: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    """Per new token id, up to FIT_OCCURRENCES occurrences: the hidden state the output layer sees before the
-    token's first piece, and the chain's logit there (the logit that gives the new token the chain's probability)."""
-    documents: list[tuple[list[int], torch.Tensor]]
-    """Per document: its extended token ids after an EOS token, and for each of them (after the EOS) the base
-    model's log-probability of its pieces there."""
-
-
-@torch.no_grad()
-def read_with_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, extended: PreTrainedTokenizerBase,
-                   texts: Sequence[str], pieces: dict[int, list[int]]) -> BaseReading:
-    """Read `texts` with the base `model`, each after an EOS token, its first FIT_CONTEXT base tokens.
-
-    `pieces` gives each new token id's base token ids. The chain's logit is the first piece's logit plus the
-    log-probability of the other pieces after it. A document's extended tokens are followed only as far as
-    they line up with its base tokens (all of it, unless cut by FIT_CONTEXT).
-    """
-    model.eval()
-    output = model.get_output_embeddings()
-    seen: dict[int, list[torch.Tensor]] = defaultdict(list)
-    chain: dict[int, list[float]] = defaultdict(list)
-    documents: list[tuple[list[int], torch.Tensor]] = []
-    captured: list[torch.Tensor] = []
-    hook = output.register_forward_hook(lambda module, args, result: captured.append(args[0])) if output else None
-    try:
-        for text in texts:
-            ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]][:FIT_CONTEXT]
-            if len(ids) < 2:
-                continue
-            captured.clear()
-            logits = model(torch.tensor([ids], device=model.device), use_cache=False).logits[0].float()
-            logp = logits[:-1].log_softmax(-1).gather(1, torch.tensor(ids[1:], device=logits.device)[:, None])[:, 0]
-            merged, targets = [tokenizer.eos_token_id], []
-            position = 1  # of the next base token in `ids`
-            for token in extended(text, add_special_tokens=False)["input_ids"]:
-                chunk = pieces.get(token, [token])
-                end = position + len(chunk)
-                if end > len(ids) or ids[position:end] != chunk:
-                    break  # past FIT_CONTEXT (or not the base segmentation): the rest of the text is not used
-                if token in pieces and captured and len(seen[token]) < FIT_OCCURRENCES:
-                    seen[token].append(captured[0][0, position - 1].float().cpu())
-                    chain[token].append(logits[position - 1, chunk[0]].item() + logp[position:end - 1].sum().item())
-                merged.append(token)
-                targets.append(logp[position - 1:end - 1].sum().item())
-                position = end
-            if targets:
-                documents.append((merged, torch.tensor(targets)))
-    finally:
-        if hook is not None:
-            hook.remove()
-    contexts = {token: (torch.stack(rows), torch.tensor(chain[token])) for token, rows in seen.items()}
-    return BaseReading(contexts, documents)
-
-
-def distil(model: PreTrainedModel, documents: list[tuple[list[int], torch.Tensor]],
-           new_ids: list[int]) -> dict[str, Any]:
-    """Move the new rows of the extended `model`, and nothing else, towards the base model it was made from.
-
-    One pass over `documents` (`BaseReading.documents`), DISTIL_BATCH at a time, Adam on the mean squared
-    shortfall of the extended model's log-probability of each token below the base model's of its pieces: a
-    new token predicted where it does not come (so the token that does come gets less than in the base
-    model), or too rarely where it does, is corrected, and so is what a new token's input row makes the model
-    predict after it. A token already as likely as in the base model adds nothing: the base model is the
-    floor to reach, not a text to learn. Returns the documents, tokens and steps, and the loss of the first
-    and last tenth of the steps.
-    """
-    from datasets.utils.tqdm import tqdm
-
-    matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
-                if m is not None}
-    rows = torch.tensor(new_ids, device=model.device)
-    trainable = [(weight, torch.nn.Parameter(weight.detach()[rows].float())) for weight in matrices.values()]
-    scales = [weight.detach()[:min(new_ids)].float().std().item() for weight, _ in trainable]
-    optimizer = torch.optim.Adam([{"params": [new], "lr": DISTIL_LR * scale}
-                                  for (_, new), scale in zip(trainable, scales, strict=True)])
-    wanted = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    model.requires_grad_(False)
-    for weight, _ in trainable:
-        weight.requires_grad_(True)
-    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(0)).tolist()
-    losses, tokens = [], 0
-    try:
-        for start in tqdm(range(0, len(order), DISTIL_BATCH), desc="Fitting the new rows", unit=" steps"):
-            batch = [documents[i] for i in order[start:start + DISTIL_BATCH]]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.tensor([ids + [ids[0]] * (width - len(ids)) for ids, _ in batch], device=model.device)
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=model.device)
-            target = torch.zeros(len(batch), width - 1, device=model.device)
-            for i, (_, values) in enumerate(batch):
-                target[i, :len(values)] = values.to(model.device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            counted = mask[:, 1:].float()
-            loss = ((target - logp).clamp_min(0) ** 2 * counted).sum() / counted.sum()
-            loss.backward()
-            for weight, new in trainable:
-                new.grad = weight.grad[rows].float()
-                weight.grad = None
-            optimizer.step()
-            optimizer.zero_grad()
-            with torch.no_grad():
-                for weight, new in trainable:
-                    weight[rows] = new.to(weight.dtype)
-            losses.append(loss.item())
-            tokens += int(counted.sum())
-    finally:
-        for parameter, flag in zip(model.parameters(), wanted, strict=True):
-            parameter.requires_grad_(flag)
-    tenth = max(1, len(losses) // 10)
-    return {"documents": len(documents), "tokens": tokens, "steps": len(losses),
-            "loss": compare(sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth) if losses else None}
 
 
 # ----------------------------------------------------------------------------------------------------------
