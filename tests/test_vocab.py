@@ -20,7 +20,7 @@ from igea.config import config_from_dict
 from igea.newrows import read_with_base, resize_and_initialise
 from igea.vocab import REPORT, hold_out, words
 
-from conftest import build_trait_model, config_dict, make_config, real_abstracts, write_config
+from conftest import TRAITS, build_trait_model, config_dict, make_config, real_abstracts, write_config
 
 NUM_TOKENS = 150
 
@@ -207,6 +207,31 @@ def test_tied_rows_are_fitted_and_distilled_too_and_stay_one_matrix(tmp_path):
     fit, start, fitted = chain_fit_errors(base_dir, tmp_path / "ext", report, texts)
     assert fitted == report["fitted_tokens"] > 0 and fit < 0.5 * start, (fit, start)
     check_distilled(base_dir, tmp_path / "ext", report, texts, real_abstracts("test", 40))
+
+
+@pytest.mark.parametrize("trait", TRAITS)
+def test_every_model_trait_is_extended_and_distilled(trait, tmp_path, monkeypatch):
+    """Tied embeddings, byte-level BPE, a tokenizer that adds BOS itself, over 65,536 ids, a sliding window:
+    each gets its tokens, keeps its tie, and has its new rows distilled (on 100 documents of 64 tokens: a
+    70,000-row output layer makes each step costly on a CPU)."""
+    monkeypatch.setattr("igea.vocab.FIT_DOCUMENTS", 100)
+    monkeypatch.setattr("igea.newrows.FIT_CONTEXT", 64)
+    texts, heldout = real_abstracts("train", 200), real_abstracts("test", 3)
+    base_dir = build_trait_model(trait, texts, tmp_path / trait)
+    out = tmp_path / "ext"
+    report = igea.extend_vocabulary(str(base_dir), texts, 40, out, heldout_texts=heldout, measure_bits_per_byte=True)
+    assert report["tokens_added"] == 40 and report["fertility"]["change"] < 0
+    assert math.isfinite(report["bits_per_byte"]["after"])
+    base, extended = AutoModelForCausalLM.from_pretrained(base_dir), AutoModelForCausalLM.from_pretrained(out)
+
+    def tied(model) -> bool:
+        return model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+    assert tied(extended) == tied(base) == (trait == "tied")
+    new_ids = sorted(t["id"] for t in report["new_tokens"])
+    assert new_ids == list(range(len(AutoTokenizer.from_pretrained(base_dir)), len(AutoTokenizer.from_pretrained(out))))
+    assert new_ids[0] > 65_535 if trait == "vocab70k" else new_ids[-1] < 65_536
+    check_distilled(base_dir, out, report, texts[:100], heldout)
 
 
 def test_fertility_drops_on_held_out_text(tiny_model_dir, extended):

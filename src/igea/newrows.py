@@ -119,7 +119,8 @@ def read_with_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, e
     chain: dict[int, list[float]] = defaultdict(list)
     documents: list[tuple[list[int], torch.Tensor]] = []
     captured: list[torch.Tensor] = []
-    hook = output.register_forward_hook(lambda module, args, result: captured.append(args[0])) if output else None
+    hook = None if output is None else output.register_forward_hook(
+        lambda module, args, result: captured.append(args[0]))
     try:
         for text in texts:
             ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]][:FIT_CONTEXT]
