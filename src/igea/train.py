@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from igea.lora import apply_lora, check_peft, save_adapter
 from igea.modeling import load_causal_lm
 from igea.preemption import CheckpointOnStop, Preempted, stop_on_signals
 from igea.preflight import check_before_training, check_block_size
+from igea.progress import progress_bars_off_in_logs
 from igea.rundir import BEFORE_METRICS, RUN_MARKER, check_output_dir, read_json, write_json_atomic
 from igea.runstart import RunLock, RunStart, plan_run, start_record
 from igea.streaming import BlockStream
@@ -113,38 +113,6 @@ def _open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_chang
                 raise IgeaError(f"no space left on the device of {cfg.output_dir} ({first_line(err)}); free some "
                                 "space, then continue with --resume") from err
             raise
-
-
-@contextmanager
-def progress_bars_off_in_logs() -> Iterator[None]:
-    """When stderr is not a terminal (a log file, a pipe), the progress bars of datasets (tokenizing),
-    transformers (loading and writing weights) and the hub are off while the block runs, as the CLI has them:
-    in a log each would be a line per redraw. A bar an environment variable forces on stays on; each switch is
-    put back as it was afterwards (this is a library: the caller's settings are its own)."""
-    if sys.stderr.isatty():
-        yield
-        return
-    import datasets
-    from datasets import utils as datasets_bars
-    from huggingface_hub import constants
-    from huggingface_hub import utils as hub_bars
-    from transformers.utils import logging as transformers_logging
-
-    restore = []
-    forced_on = datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is False  # HF_DATASETS_DISABLE_PROGRESS_BARS=0
-    if not forced_on and not datasets_bars.are_progress_bars_disabled():
-        datasets_bars.disable_progress_bars()
-        restore.append(datasets_bars.enable_progress_bars)
-    if constants.HF_HUB_DISABLE_PROGRESS_BARS is not False and transformers_logging.is_progress_bar_enabled():
-        hub_was_off = hub_bars.are_progress_bars_disabled()
-        transformers_logging.disable_progress_bar()  # transformers' bars, and the hub's with them
-        restore.append(hub_bars.disable_progress_bars if hub_was_off else lambda: None)
-        restore.append(transformers_logging.enable_progress_bar)
-    try:
-        yield
-    finally:
-        for switch_back in reversed(restore):
-            switch_back()
 
 
 @contextmanager
