@@ -10,10 +10,10 @@ import igea
 PACKAGE = Path(igea.__file__).parent
 
 LAYERS = [
-    {"errors", "hub", "metrics", "logs"},
+    {"errors", "hub", "metrics", "logs", "progress"},
     {"config"},
     {"rundir", "blockstore", "preemption"},
-    {"streaming", "runstart"},
+    {"streaming", "runstart", "status"},
     {"data"},
     {"modeling", "newrows"},
     {"vocab", "tasks", "tracking"},

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from igea.cli import main
+from igea.progress import human_size
 from igea.rundir import CHECKPOINT_MARKER, RUN_MARKER
-from igea.runstart import human_size
 
 from conftest import stop_after_each_checkpoint, write_config
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, Tra
 
 from igea.cli import main
 from igea.config import ConfigError
-from igea.tracking import ThroughputCallback, flops_per_token
+from igea.tracking import TrainingClock, events_left, flops_per_token
 
 from conftest import config_dict, make_config, write_config
 
@@ -61,26 +61,41 @@ def test_log_throughput_puts_positive_tokens_per_second_in_every_training_log(tr
     assert [e.get("tokens_per_second") for e in saved] == [e.get("tokens_per_second") for e in tracked_run.log_history]
 
 
-def test_throughput_leaves_evaluation_and_checkpoints_out(monkeypatch):
-    clock = iter([0.0, 1.0, 2.0, 12.0, 12.0, 13.0, 13.0])  # train begin, 2 steps, eval, save, step, log
+def test_the_clock_leaves_evaluation_and_checkpoints_out_of_the_speed_and_counts_them_in_the_eta(monkeypatch):
+    clock = iter([0.0, 0.0, 1.0, 2.0, 12.0, 14.0, 15.0, 15.0])  # made, train begin, 2 steps, eval, save, step, log
     monkeypatch.setattr("igea.tracking.time.perf_counter", lambda: next(clock))
     args = TrainingArguments(output_dir="unused", per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                             use_cpu=True, report_to="none")
-    state, control = TrainerState(), TrainerControl()
-    callback = ThroughputCallback(block_size=64, flops_per_token=1e9, peak_flops=1e12)
+                             use_cpu=True, report_to="none", eval_strategy="steps", eval_steps=5, save_steps=5)
+    state, control = TrainerState(max_steps=10), TrainerControl()
+    callback = TrainingClock(block_size=64, flops_per_token=1e9, peak_flops=1e12)
     callback.on_train_begin(args, state, control)
     callback.on_step_end(args, state, control)  # t=1
     callback.on_step_end(args, state, control)  # t=2
     callback.on_evaluate(args, state, control)  # 10 s of evaluation, ends at t=12
-    callback.on_save(args, state, control)  # a checkpoint, ends at t=12 (nothing to add)
-    callback.on_step_end(args, state, control)  # t=13
+    callback.on_save(args, state, control)  # a 2 s checkpoint, ends at t=14
+    callback.on_step_end(args, state, control)  # t=15
     state.global_step = 3
     state.log_history.append({"loss": 1.0, "step": 3})
     logs = {"loss": 1.0}
-    callback.on_log(args, state, control, logs=logs)  # t=13: 3 steps in 3 s of training
+    callback.on_log(args, state, control, logs=logs)  # t=15: 3 steps in 3 s of training
     tokens_per_second = 3 * 4 * 2 * 64 / 3  # 512.0
     assert logs == {"loss": 1.0, "tokens_per_second": tokens_per_second, "mfu": 0.512}
     assert state.log_history[-1] == {**logs, "step": 3}
+    assert callback.last["seconds_per_step"] == 1.0
+    # 7 steps left at 1 s, and the evaluations and saves of steps 5 and 10 at 10 s and 2 s each
+    assert callback.last["eta"] == 7 * 1.0 + 2 * 10.0 + 2 * 2.0
+    assert "1 s/step  512 tok/s  MFU 51% | " in callback.timing(logs) and callback.timing(logs).endswith(
+        ", ETA 31 s")
+
+
+@pytest.mark.parametrize(("step", "every", "last", "left"), [
+    (0, 5, 10, 2), (3, 5, 10, 2), (5, 5, 10, 2), (6, 5, 10, 1), (10, 5, 10, 1), (1, 4, 10, 3), (9, 4, 10, 1),
+    (0, 50, 10, 1), (4, 0.25, 12, 3),
+])
+def test_events_left_count_those_of_the_current_step_and_the_last_one(step, every, last, left):
+    args = TrainingArguments(output_dir="unused", eval_strategy="steps", eval_steps=every, save_strategy="no",
+                             report_to="none")
+    assert events_left(args, TrainerState(global_step=step, max_steps=last)) == (left, 0)
 
 
 def test_flops_per_token_counts_frozen_weights_without_their_gradient(tiny_model_dir, corpus_file, tmp_path):

@@ -88,5 +88,7 @@ def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase | None =
     """
     from igea.basemodel import load_tokenizer
     from igea.data import prepare_dataset as prepare
+    from igea.progress import progress_bars_off_in_logs
 
-    return prepare(cfg, tokenizer if tokenizer is not None else load_tokenizer(cfg))
+    with progress_bars_off_in_logs():  # in a log file, no bar redrawn line after line (as the CLI has it)
+        return prepare(cfg, tokenizer if tokenizer is not None else load_tokenizer(cfg))

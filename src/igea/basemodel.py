@@ -15,6 +15,7 @@ from igea.modeling import (
     from_pretrained_or_explain,
     load_causal_lm,
 )
+from igea.progress import bars_off_in_logs
 from igea.vocab import ensure_extended_model
 
 
@@ -42,6 +43,7 @@ def load_tokenizer(cfg: IgeaConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+@bars_off_in_logs
 def load_model(cfg: IgeaConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base causal LM and its tokenizer as the `model:` section says.
 

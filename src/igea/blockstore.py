@@ -30,7 +30,6 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
-from datasets.utils.tqdm import tqdm
 from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
@@ -223,15 +222,12 @@ def build_blocks(batches: Iterable[list[str]], encoder: DocumentEncoder, out_dir
     started = time.perf_counter()
     tokens_path, lengths_path = out_dir / "tokens.tmp", out_dir / "lengths.tmp"
     documents = tokens = 0
-    bar = tqdm(desc="Tokenizing", unit=" tokens", unit_scale=True)
     with open(tokens_path, "wb") as token_file, open(lengths_path, "wb") as length_file:
         for lengths, ids in encode_batches(encoder, batches, num_proc):
             token_file.write(ids.data)
             length_file.write(lengths.data)
             documents += len(lengths)
             tokens += len(ids)
-            bar.update(len(ids))
-    bar.close()
     tokenize_s = time.perf_counter() - started
     count = held_out.count(documents)
     with_positions = packing == "documents"

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"igea {igea.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for add in (add_init, add_train, add_prepare, add_generate, add_card, add_eval, add_vocab):
+    for add in (add_init, add_train, add_prepare, add_status, add_generate, add_card, add_eval, add_vocab):
         add(commands)
     return parser
 
@@ -202,6 +202,25 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = igea.load_config(args.config, args.overrides)
     data = igea.prepare_dataset(cfg)
     print(json.dumps(data.stats, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# igea status
+
+
+def add_status(commands) -> None:
+    parser = _command(commands, "status", cmd_status,
+                      "what a run is doing or did (running, finished, interrupted, failed), from any shell")
+    parser.add_argument("run_dir", help="the run's output directory")
+    parser.add_argument("--json", action="store_true", help="print the status as one JSON object")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from igea.status import format_status, run_status
+
+    status = run_status(args.run_dir)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 

@@ -85,7 +85,7 @@ IGEA_TRAINING_KEYS: dict[str, type | tuple[type, ...]] = {
     "warmup_ratio": float,  # transformers 5 folds it into a float `warmup_steps` in [0, 1)
     "total_train_batch_size": int,  # derive gradient accumulation from the world size
     "stop_on_nonfinite_loss": bool,  # stop the run when the training loss is NaN or inf
-    "log_throughput": bool,  # add tokens/s (and MFU on a GPU) to every training log (igea.tracking)
+    "log_throughput": bool,  # tokens/s (MFU, peak memory on a GPU) in every training log; default true
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -60,6 +61,7 @@ from igea.config import (
 from igea.errors import IgeaError
 from igea.hub import hub_reachable
 from igea.metrics import IGNORE_INDEX
+from igea.progress import Progress
 from igea.streaming import BlockStream
 
 logger = logging.getLogger(__name__)
@@ -200,6 +202,8 @@ def prepare_corpus(d: DataConfig, source: SourceConfig, tokenizer: PreTrainedTok
     }
 
     def build(directory: Path) -> dict[str, Any]:
+        logger.info("%s: tokenizing into blocks of %d tokens (once: later runs reuse them)", source_name(source),
+                    d.block_size)
         encoder = DocumentEncoder(tokenizer, d.document_boundary)
         batches = document_batches(d, source)
         first = next(batches)
@@ -258,12 +262,16 @@ def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ
     with explained_errors(d, source):
         dataset = _open_files(files, d, streaming=True) if files else _load_hub(source, d, streaming=True)
         _check_column(dataset, column, files[0] if files else str(source.path))
+        total, exact = estimated_documents(files, dataset, d.max_documents) if report else (None, True)
+        progress = Progress(f"{source_name(source)}: reading", total, "documents" if exact else "documents (estimated)",
+                            logger=logger, bar=report, every=None if report else math.inf, say_done=False)
         for batch in dataset.select_columns([column]).iter(batch_size=batch_size):
             texts = batch[column]
             if d.max_documents is not None:
                 texts = texts[: d.max_documents - read]
             _check_texts(texts)
             read += len(texts)
+            progress.update(len(texts))
             missing += sum(t is None for t in texts)
             if strip_pmid:
                 texts = [PMID_PREFIX.sub("", t, count=1) for t in texts]
@@ -273,6 +281,7 @@ def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ
                 yield texts
             if d.max_documents is not None and read >= d.max_documents:
                 break
+        progress.close()
     if report:
         reasons = [f"{read - kept - missing} empty or shorter than {min_chars} characters"]
         if missing:
@@ -282,6 +291,36 @@ def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ
         log("%s: kept %d of %d documents (dropped: %s)", source_name(source), kept, read, "; ".join(reasons))
     if kept == 0:
         raise IgeaError(f"data: the corpus has no documents of at least {min_chars} characters ({read} read)")
+
+
+ESTIMATE_SAMPLE_BYTES = 1 << 22
+"""How much of a text, JSON-lines or CSV file is read to estimate its documents from its size."""
+
+
+def estimated_documents(files: list[str] | None, dataset: Any, max_documents: int | None) -> tuple[int | None, bool]:
+    """(documents the corpus holds, exact?), for a reading's progress: parquet files and hub datasets say so in
+    their metadata; a text, JSON-lines or CSV file is estimated from its size and the lines in its first 4 MiB
+    (one document a line); a compressed one is not estimated (None). `max_documents` caps it."""
+    total, exact = None, True
+    try:
+        if files is None:
+            splits = getattr(dataset.info, "splits", None) or {}
+            total = sum(split.num_examples for split in splits.values()) if len(splits) == 1 else None
+        elif all(file_format(f) == "parquet" for f in files):
+            import pyarrow.parquet as pq
+
+            total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        elif not any(f.lower().endswith(COMPRESSION) for f in files):
+            with open(files[0], "rb") as f:
+                head = f.read(ESTIMATE_SAMPLE_BYTES)
+            lines = head.count(b"\n") + (not head.endswith(b"\n"))
+            sizes = sum(os.path.getsize(f) for f in files)
+            total, exact = round(sizes / max(len(head), 1) * lines), len(head) >= sizes
+    except (OSError, ValueError, AttributeError, TypeError):
+        total = None
+    if max_documents is not None and (total is None or total >= max_documents):
+        return max_documents, total is not None
+    return (total or None), exact
 
 
 def _first_without_text(files: list[str] | None, d: DataConfig, column: str) -> str | None:

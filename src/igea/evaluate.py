@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from igea.data import BlockCollator, prepare_corpus
 from igea.errors import ConfigError, IgeaError, show
 from igea.metrics import NextTokenMetrics, argmax_and_nll, combined, perplexity
 from igea.modeling import load_pretrained
+from igea.progress import Progress, bars_off_in_logs, duration
 from igea.rundir import run_config
 from igea.tasks import check_task_names, context_length, load_task, markdown_table, run_tasks
 
@@ -37,6 +39,7 @@ HeldOutCorpus = str | list[str] | DataConfig | dict[str, str | list[str]]
 """What `evaluate(corpus=...)` takes: files/globs/directories or a hub id (one set), a DataConfig, or named sets."""
 
 
+@bars_off_in_logs
 def evaluate(
     model: ModelLike,
     corpus: HeldOutCorpus | None = None,
@@ -73,7 +76,10 @@ def evaluate(
     results: dict[str, Any] = {"models": {}}
     blocks: dict[str, Dataset] = {}
     reference_vocab: dict[str, int] | None = None
-    for name, source in zip(names, sources, strict=True):
+    for index, (name, source) in enumerate(zip(names, sources, strict=True)):
+        role = "the base model (compare)" if index else "the model"
+        logger.info("evaluating %s %s", role, name)
+        started = time.monotonic()
         lm, tok = load_for_eval(source, tokenizer, device, dtype)
         entry: dict[str, Any] = {}
         if corpus is not None:
@@ -91,13 +97,16 @@ def evaluate(
                                 "held-out metrics need the same token blocks for both")
             else:
                 check_block_fits(results["held_out_data"]["block_size"], context, name)
-            per_set = {set_name: held_out_metrics(lm, b, eval_config.batch_size) for set_name, b in blocks.items()}
+            per_set = {set_name: held_out_metrics(lm, b, eval_config.batch_size,
+                                                  what=f"{name}: held-out set '{set_name}'" if set_name else name)
+                       for set_name, b in blocks.items()}
             entry["held_out"] = combined(list(per_set.values())) if len(per_set) > 1 else next(iter(per_set.values()))
             if isinstance(corpus, dict):
                 entry["held_out_sets"] = per_set
         if tasks:
             entry["tasks"] = run_tasks(lm, tok, loaded, eval_config)
         results["models"][name] = entry
+        logger.info("evaluated %s in %s", name, duration(time.monotonic() - started))
         del lm
     if compare is not None:
         results["change"] = changes(*results["models"].values())
@@ -237,18 +246,25 @@ def warn_if_trained_on(source: ModelLike, sets: dict[str, DataConfig]) -> None:
 
 
 @torch.inference_mode()
-def held_out_metrics(model: PreTrainedModel, blocks: Dataset, batch_size: int = 8) -> dict[str, float]:
+def held_out_metrics(model: PreTrainedModel, blocks: Dataset, batch_size: int = 8,
+                     what: str = "held-out") -> dict[str, float]:
     """Mean next-token loss, perplexity and accuracy over every predicted token of `blocks`.
 
     Targets are what the training collator makes them (no prediction across documents with
-    `packing: documents`); the loss is averaged over tokens, not over batches.
+    `packing: documents`); the loss is averaged over tokens, not over batches. Progress (`what`) is a bar in a
+    terminal, lines with percent and ETA in a log file.
     """
     model.eval()
     tally = NextTokenMetrics()  # the definitions the trainer's evaluation uses
-    for batch in DataLoader(blocks, batch_size=batch_size, collate_fn=BlockCollator()):
-        labels = batch.pop("labels").to(model.device)
-        logits = model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False).logits
-        tally(EvalPrediction(predictions=argmax_and_nll(logits, labels), label_ids=labels), compute_result=False)
+    loader = DataLoader(blocks, batch_size=batch_size, collate_fn=BlockCollator())
+    logger.info("%s: %d blocks", what, len(blocks))
+    with Progress(what, len(loader), "batches", logger=logger, say_done=False) as progress:
+        for batch in loader:
+            labels = batch.pop("labels").to(model.device)
+            logits = model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False).logits
+            tally(EvalPrediction(predictions=argmax_and_nll(logits, labels), label_ids=labels),
+                  compute_result=False)
+            progress.update()
     result = tally.result()
     loss = result["token_loss"]
     return {"loss": loss, "perplexity": perplexity(loss), "accuracy": result["accuracy"], "tokens": result["tokens"]}

@@ -7,6 +7,8 @@ its parameters come from the run's `generation:` section and can be overridden p
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +28,10 @@ from transformers import (
 from igea.config import GenerationConfig, build_section, check_generation_values
 from igea.errors import ConfigError, IgeaError
 from igea.modeling import load_pretrained
+from igea.progress import Progress, bars_off_in_logs
 from igea.rundir import run_config
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
 PARAMETERS = tuple(f.name for f in dataclasses.fields(GenerationConfig) if f.name != "prompts")
@@ -59,6 +64,7 @@ class Generator:
         self.tokenizer.truncation_side = "left"  # used only when a call asks for truncate_left
 
     @classmethod
+    @bars_off_in_logs
     def from_pretrained(
         cls,
         path: str,
@@ -123,9 +129,15 @@ class Generator:
         if s.seed is not None:
             set_seed(s.seed)
         completions: list[Completion] = []
-        for start in range(0, len(ids), batch_size):
-            end = start + batch_size
-            completions += self._complete_batch(prompts[start:end], ids[start:end], s)
+        batches = math.ceil(len(ids) / batch_size)
+        if batches > 1:  # long work says what it does: a bar in a terminal, lines with an ETA in a log file
+            logger.info("generating for %d prompts in %d batches of %d", len(ids), batches, batch_size)
+        with Progress("generating", len(ids), "prompts", logger=logger, bar=batches > 1,
+                      say_done=batches > 1) as progress:
+            for start in range(0, len(ids), batch_size):
+                end = start + batch_size
+                completions += self._complete_batch(prompts[start:end], ids[start:end], s)
+                progress.update(len(completions) - progress.done)
         return completions
 
     def stream(self, prompt: str, truncate_left: bool = False, **overrides: Any) -> Iterator[str]:

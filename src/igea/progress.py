@@ -8,11 +8,15 @@ took when it ends (`timed`). `progress_bars_off_in_logs` turns the libraries' ow
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 PROGRESS_SECONDS = 30.0
 """In a log file, the longest a piece of long work goes without a line saying how far it is."""
@@ -49,19 +53,30 @@ def count(value: float) -> str:
     return f"{value:.3g}"
 
 
+def human_size(size: float) -> str:
+    """Bytes as a person reads them: 512 B, 3.4 MB, 1.6 GB."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            break
+        size /= 1000
+    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
 class Progress:
     """Progress of `total` units of one piece of work (batches, documents, prompts).
 
     `bar=True` draws a tqdm bar in a terminal; in a log file (or with `bar=False`, when someone else draws the bar)
-    `update` logs `<what>: 45% (18/40 batches) | 1m20s, ETA 1m38s` at most every `every` seconds.
+    `update` logs `<what>: 45% (18/40 batches) | 1m20s, ETA 1m38s` at most every `every` seconds (default
+    PROGRESS_SECONDS).
     `close` logs `<what>: done in 2m58s` when `say_done`. A `total` of 0 or None counts without a percent.
     """
 
     def __init__(self, what: str, total: int | None, unit: str = "", *, logger: logging.Logger | None = None,
-                 bar: bool = True, every: float = PROGRESS_SECONDS, say_done: bool = True) -> None:
+                 bar: bool = True, every: float | None = None, say_done: bool = True) -> None:
         self.what, self.total, self.unit = what, total or None, unit
         self.logger = logger or logging.getLogger(__name__)
-        self.every, self.say_done = every, say_done
+        self.every = PROGRESS_SECONDS if every is None else every
+        self.say_done = say_done
         self.done = 0
         self.started = self.last_line = time.monotonic()
         self.bar = None
@@ -154,3 +169,15 @@ def progress_bars_off_in_logs() -> Iterator[None]:
     finally:
         for switch_back in reversed(restore):
             switch_back()
+
+
+def bars_off_in_logs(function: F) -> F:
+    """Run `function` with `progress_bars_off_in_logs`: for the public API's loading and preparing functions, so a
+    script whose output goes to a file gets no bars there, as the CLI does."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with progress_bars_off_in_logs():
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from accelerate import PartialState
 
 from igea.config import IgeaConfig
 from igea.evaluate import load_for_eval
 from igea.generate import Generator
+from igea.progress import timed
 from igea.report import write_report
 from igea.rundir import write_json_atomic
+from igea.runstart import RunStart
 from igea.tasks import run_tasks
 from igea.train import RunResult, mark_finished, open_run, train_started
 
@@ -27,13 +31,24 @@ def run(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False,
         if not PartialState().is_main_process:  # one process samples and writes the card
             return result
         if cfg.generation.prompts:
-            result.metrics["samples"] = generate_samples(cfg, result)
+            with said(start, f"generating {len(cfg.generation.prompts)} sample(s)", "generated"):
+                result.metrics["samples"] = generate_samples(cfg, result)
         if cfg.eval.tasks:
-            result.metrics["benchmarks"] = run_benchmarks(cfg, result)
+            with said(start, f"scoring the trained model on {', '.join(map(str, cfg.eval.tasks))}", "scored"):
+                result.metrics["benchmarks"] = run_benchmarks(cfg, result)
         save_metrics(result)
-        mark_finished(cfg, result)
+        mark_finished(cfg, result, start)
         write_report(result.output_dir)
     return result
+
+
+@contextmanager
+def said(start: RunStart, what: str, done: str) -> Iterator[None]:
+    """`what` in the log and the run's status as it starts, `<done> in 12 s` when it ends."""
+    if start.status is not None:
+        start.status.update(phase=what)
+    with timed(logger, what, done=done):
+        yield
 
 
 def generate_samples(cfg: IgeaConfig, result: RunResult) -> dict[str, str]:

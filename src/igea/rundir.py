@@ -31,13 +31,15 @@ BEFORE_METRICS = "eval_before.json"
 """The base model's held-out metrics, kept so that a resumed run reports the same 'before'."""
 LOCK_FILE = "igea.lock"
 """Present while a run uses the directory: the owner's pid, host and start time."""
+STATUS_FILE = "igea_status.json"
+"""What the run is doing, kept up to date by its main process as it runs (read by `igea status`)."""
 CHECKPOINT_PREFIX = "checkpoint-"
 TINY_MARKER = "igea_tiny.json"
 """Written beside a tiny base model igea built (`<output_dir>/base-model`): its shape and corpus."""
 
 IGEA_ENTRIES = (
-    RUN_MARKER, START_MARKER, BEFORE_METRICS, LOCK_FILE, "metrics.json", "log_history.json", "benchmarks.json",
-    "README.md", "curves.png", f"{CHECKPOINT_PREFIX}*", "base-model*", ".final.tmp", "*.tmp", "runs",
+    RUN_MARKER, START_MARKER, BEFORE_METRICS, LOCK_FILE, STATUS_FILE, "metrics.json", "log_history.json",
+    "benchmarks.json", "README.md", "curves.png", f"{CHECKPOINT_PREFIX}*", "base-model*", ".final.tmp", "*.tmp", "runs",
     # what `save_pretrained` writes for a causal LM, its tokenizer and a peft adapter
     "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "training_args.bin", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",

@@ -15,9 +15,11 @@ from typing import Any
 
 from igea.config import changed_settings
 from igea.errors import IgeaError, show
+from igea.progress import human_size
 from igea.rundir import (
     LOCK_FILE,
     START_MARKER,
+    STATUS_FILE,
     check_output_dir,
     complete_checkpoints,
     last_complete_checkpoint,
@@ -27,6 +29,7 @@ from igea.rundir import (
     remove_igea_files,
     write_json_atomic,
 )
+from igea.status import StatusFile
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +51,14 @@ class RunStart:
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     new_dir: bool = False
     begun: bool = False
+    opened: float = field(default_factory=time.time)
+    status: StatusFile | None = None  # the main process's: `igea status` reads what the run is doing
 
     def begin(self, versions: dict[str, str], keep: tuple[str, ...] = ()) -> None:
         """Just before training changes anything: a new run clears what an earlier run of this directory left
         (igea's files only, but `keep`) and records its config; a resumed run records the resume."""
         if self.checkpoint is None:
-            remove_igea_files(self.output_dir, keep=(LOCK_FILE, *keep))
+            remove_igea_files(self.output_dir, keep=(LOCK_FILE, STATUS_FILE, *keep))
             write_json_atomic(self.output_dir / START_MARKER, {"config": self.config, "started": _now(),
                                                                "versions": versions, "resumes": []})
         else:
@@ -69,6 +74,7 @@ class RunStart:
         """The run failed before it began: a directory that was new is left as it was (empty or absent)."""
         if self.begun or not self.new_dir or not self.output_dir.is_dir():
             return
+        self.status = None  # nothing is left to report on
         remove_igea_files(self.output_dir, keep=(LOCK_FILE,))
         (self.output_dir / LOCK_FILE).unlink(missing_ok=True)
         if not os.listdir(self.output_dir):
@@ -114,15 +120,6 @@ def verified_checkpoint(output_dir: Path) -> Path | None:
     if checkpoint is not None:
         logger.info("%s verified in %.1f s", checkpoint.name, time.perf_counter() - started)
     return checkpoint
-
-
-def human_size(size: float) -> str:
-    """Bytes as a person reads them: 512 B, 3.4 MB, 1.6 GB."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            break
-        size /= 1000
-    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def start_record(output_dir: Path) -> dict[str, Any]:

@@ -9,16 +9,21 @@ only makes sure each one's package is there and that what it logs lands in the r
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from collections import deque
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.integrations import integration_utils
 
+from igea import progress
 from igea.config import IgeaConfig
 from igea.errors import ConfigError, IgeaError
+from igea.progress import count, duration
+from igea.status import StatusFile, evaluation_record
 
 logger = logging.getLogger(__name__)
 
@@ -57,109 +62,264 @@ def check_report_to(report_to: list[str]) -> None:
             raise IgeaError(f"training.report_to: {name} is not installed; pip install {package}")
 
 
-def attach_tracking(trainer: Trainer, cfg: IgeaConfig) -> None:
-    """Point TensorBoard at the run directory and add the throughput logs when `training.log_throughput` is on."""
+def attach_tracking(trainer: Trainer, cfg: IgeaConfig, started: float | None = None,
+                    status: StatusFile | None = None) -> TrainingClock:
+    """Point TensorBoard at the run directory, time the run (`TrainingClock`: speed, elapsed, ETA, and
+    `training.log_throughput`'s metrics in every training log) and print each log as one readable line.
+
+    `started` is when the run began (time.time(); default now): the elapsed time counts from it. `status`, on the
+    main process, is the run's status file, which the clock keeps up to date (`igea status`).
+    """
     for callback in trainer.callback_handler.callbacks:
         # The evaluation before training logs before `on_train_begin`, where the callback would pick its
         # directory: without this it would open a writer in ./runs of the current directory instead.
         if isinstance(callback, integration_utils.TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = os.path.join(trainer.args.output_dir, integration_utils.default_logdir())
+    model = trainer.model
+    clock = TrainingClock(cfg.data.block_size, flops_per_token(model, cfg.data.block_size),
+                          peak_flops(trainer.args.device), started=started, status=status,
+                          metrics=cfg.training.get("log_throughput", True))
+    # first, so the reporting integrations (and the progress bar) see what it adds to a log
+    trainer.callback_handler.callbacks.insert(0, clock)
     for default, readable in ((ProgressCallback, ReadableProgress), (PrinterCallback, LogLines)):
         if any(type(callback) is default for callback in trainer.callback_handler.callbacks):
             trainer.remove_callback(default)
-            trainer.add_callback(readable)
-    if cfg.training.get("log_throughput"):
-        model = trainer.model
-        peak = peak_flops(trainer.args.device)
-        throughput = ThroughputCallback(cfg.data.block_size, flops_per_token(model, cfg.data.block_size), peak)
-        # first, so the reporting integrations (and the progress bar) see what it adds to a log
-        trainer.callback_handler.callbacks.insert(0, throughput)
+            trainer.add_callback(readable(clock))
+    return clock
 
 
 QUIET_LOG_KEYS = ("total_flos", "_runtime", "_per_second", "_model_preparation_time")
 """Kept in log_history and metrics.json, left out of the printed line."""
+SPEED_KEYS = ("tokens_per_second", "mfu", "peak_memory_gib")
+"""What the clock adds to a training log: printed in the line's speed part, not among the metrics."""
 
 
-def log_line(state, logs: dict[str, Any]) -> str:
-    """One log as `step 20/204  loss 5.123  grad_norm 1.02 ...`: numbers printed as numbers, 4 significant
-    digits."""
-    parts = [f"step {state.global_step}/{state.max_steps}" if state.max_steps else f"step {state.global_step}"]
+def log_line(state, logs: dict[str, Any], timing: str = "") -> str:
+    """One log as `step 20/204 (9.8%)  loss 5.123  grad_norm 1.02 ... | 0.41 s/step  2.5k tok/s | 8.2 s, ETA
+    1m16s`: numbers printed as numbers, 4 significant digits; `timing` (the clock's part) after the metrics."""
+    parts = [where(state)]
     for key, value in logs.items():
-        if key.endswith(QUIET_LOG_KEYS) or key == "step":
+        if key.endswith(QUIET_LOG_KEYS) or key == "step" or (timing and key in SPEED_KEYS):
             continue
         parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
-    return "  ".join(parts)
+    return "  ".join(parts) + (f" | {timing}" if timing else "")
+
+
+def where(state) -> str:
+    """`step 20/204 (9.8%)`, or `step 20` when the run's length is not known."""
+    if not state.max_steps:
+        return f"step {state.global_step}"
+    return f"step {state.global_step}/{state.max_steps} ({state.global_step / state.max_steps:.1%})"
 
 
 class ReadableProgress(ProgressCallback):
     """The Trainer's progress bar (on a terminal), with each log written above it as one readable line."""
 
+    def __init__(self, clock: TrainingClock) -> None:
+        super().__init__()
+        self.clock = clock
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
+            line = log_line(state, logs, self.clock.timing(logs))
             if self.training_bar is not None:
-                self.training_bar.write(log_line(state, logs))
+                self.training_bar.write(line)
             else:
-                logger.info(log_line(state, logs))
+                logger.info(line)
 
 
 class LogLines(TrainerCallback):
-    """Without a progress bar (not a terminal, `disable_tqdm`): each log as one readable log line."""
+    """Without a progress bar (a log file, `disable_tqdm`): each log as one readable log line, and between logs,
+    a line with the step, the speed, the elapsed time and the ETA at least every PROGRESS_SECONDS."""
+
+    def __init__(self, clock: TrainingClock) -> None:
+        self.clock = clock
+        self.last_line = time.monotonic()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            logger.info(log_line(state, logs))
+            logger.info(log_line(state, logs, self.clock.timing(logs)))
+            self.last_line = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # after the Trainer's own flow callback: `should_log` says whether this step's log line is coming
+        if not state.is_world_process_zero or control.should_log or state.global_step >= state.max_steps:
+            return
+        if time.monotonic() - self.last_line >= progress.PROGRESS_SECONDS:
+            self.clock.measure(state)
+            logger.info("%s | %s", where(state), self.clock.timing())
+            self.last_line = time.monotonic()
 
 
-class ThroughputCallback(TrainerCallback):
-    """Adds `tokens_per_second` (and `mfu` when the GPU's peak is known) to each training log.
+class TrainingClock(TrainerCallback):
+    """Times the run as it trains, for every log line, the lines between them and the run's status file.
 
-    Tokens/s is measured over the steps since the previous training log, on wall time with evaluation and
-    checkpointing left out; a step holds per-device batch x processes x accumulation blocks of `block_size`
-    tokens (igea's blocks are never padded). MFU = tokens/s x FLOPs per token / the GPU's dense bf16 peak.
+    Speed is measured over the steps since the previous line, on wall time with evaluation and checkpointing
+    left out: seconds per step, tokens/s (a step holds per-device batch x processes x accumulation blocks of
+    `block_size` tokens; igea's blocks are never padded), and on a GPU the MFU (tokens/s x FLOPs per token / the
+    GPU's dense bf16 peak, when the card is known) and the peak memory. The ETA of the last step is the steps left
+    at the speed of the recent steps (the last RECENT_INTERVALS intervals between lines), plus the evaluations and
+    checkpoints still to come at the time the last of each took (the evaluation before training counts). With
+    `metrics` (`training.log_throughput`, on by default) the speed also goes into each training log
+    (log_history, metrics.json and the trackers).
     """
 
-    def __init__(self, block_size: int, flops_per_token: float, peak_flops: float | None) -> None:
+    RECENT_INTERVALS = 10
+
+    def __init__(self, block_size: int, flops_per_token: float, peak_flops: float | None, *,
+                 started: float | None = None, status: StatusFile | None = None, metrics: bool = True) -> None:
         self.block_size = block_size
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
+        self.started = started if started is not None else time.time()
+        self.status = status
+        self.metrics = metrics
         self.tokens_per_step = 0
-        self.busy = 0.0  # seconds of training since the last report
+        self.busy = 0.0  # seconds of training since the last measure
         self.steps = 0
-        self.resumed = self.step_end = 0.0
+        self.resumed = self.step_end = time.perf_counter()
+        self.recent: deque[tuple[int, float]] = deque(maxlen=self.RECENT_INTERVALS)
+        self.eval_seconds: float | None = None
+        self.save_seconds: float | None = None
+        self.last: dict[str, float] = {}  # the last measure: seconds_per_step, tokens_per_second, ...
+        self.args = None  # the run's TrainingArguments, from on_train_begin
+
+    # -- measuring ---------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.tokens_per_step = (args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
                                 * self.block_size)
         self.busy, self.steps = 0.0, 0
         self.resumed = self.step_end = time.perf_counter()
+        self.args = args
+        if state.is_world_process_zero:
+            self.say_what_the_eta_counts(args, state)
+            self.report(state, phase="training")
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_end = time.perf_counter()
         self.steps += 1
 
-    def pause(self) -> None:
-        """Evaluation or checkpointing just ended: count training up to the last step, restart the clock now."""
+    def pause(self) -> float:
+        """Evaluation or checkpointing just ended: count training up to the last step, restart the clock now;
+        return how long the pause took."""
+        now = time.perf_counter()
+        paused = now - max(self.step_end, self.resumed)
         self.busy += max(0.0, self.step_end - self.resumed)
-        self.resumed = time.perf_counter()
+        self.resumed = now
+        return paused
 
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.pause()
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        seconds = (metrics or {}).get("eval_runtime")
+        paused = self.pause()
+        self.eval_seconds = seconds if seconds is not None else paused
+        if state.is_world_process_zero and metrics:
+            self.report(state, phase="training", evaluation=evaluation_record(state.global_step, metrics))
 
     def on_save(self, args, state, control, **kwargs):
-        self.pause()
+        self.save_seconds = self.pause()
+        if state.is_world_process_zero:
+            self.report(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or not self.steps:
             return  # evaluation metrics, or the summary at the end of training
-        now = time.perf_counter()  # the Trainer has just read the loss: the device is done with the steps
+        # the Trainer has just read the loss: the device is done with the steps
+        values = self.measure(state)
+        if self.metrics:
+            logs.update(values)
+            # the Trainer appended a copy of `logs` to the history just before calling the callbacks
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(values)
+        if state.is_world_process_zero:
+            self.report(state, loss={"step": state.global_step, "value": logs["loss"]})
+
+    def measure(self, state) -> dict[str, float]:
+        """Close the interval since the last measure: its speed becomes the clock's `last`; returns the metrics
+        a training log gets (tokens/s, and MFU and peak memory on a GPU)."""
+        now = time.perf_counter()
         self.busy += now - self.resumed
-        values = throughput_values(self.steps * self.tokens_per_step, self.busy, self.flops_per_token,
-                                   self.peak_flops)
-        logs.update(values)
-        # the Trainer appended a copy of `logs` to the history just before calling the callbacks
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(values)
+        steps, busy = self.steps, self.busy
         self.busy, self.steps, self.resumed = 0.0, 0, now
+        if not steps or busy <= 0:
+            return {}
+        self.recent.append((steps, busy))
+        values = throughput_values(steps * self.tokens_per_step, busy, self.flops_per_token, self.peak_flops)
+        memory = peak_memory_gib()
+        if memory is not None:
+            values["peak_memory_gib"] = memory
+        self.last = {"seconds_per_step": busy / steps, **values}
+        self.last["eta"] = self.eta(state)
+        return values
+
+    def eta(self, state) -> float | None:
+        """Seconds until the last step: the steps left at the recent speed, plus the evaluations and saves left
+        at their last measured time."""
+        if not state.max_steps or not self.recent:
+            return None
+        per_step = sum(seconds for _, seconds in self.recent) / sum(steps for steps, _ in self.recent)
+        evaluations, saves = events_left(self.args, state)
+        return ((state.max_steps - state.global_step) * per_step + evaluations * (self.eval_seconds or 0.0)
+                + saves * (self.save_seconds or 0.0))
+
+    # -- saying it ---------------------------------------------------------------------------------------
+
+    def timing(self, logs: dict[str, Any] | None = None) -> str:
+        """The speed and time part of a line: `0.41 s/step  2.5k tok/s  MFU 47%  61.2 GiB | 8.2 s, ETA 1m16s`;
+        only the time for a log that is not a training one."""
+        elapsed = duration(time.time() - self.started)
+        if logs is not None and "loss" not in logs:
+            return elapsed
+        last = self.last
+        speed = []
+        if "seconds_per_step" in last:
+            speed.append(f"{last['seconds_per_step']:.3g} s/step")
+        if "tokens_per_second" in last:
+            speed.append(f"{count(last['tokens_per_second'])} tok/s")
+        if "mfu" in last:
+            speed.append(f"MFU {last['mfu']:.0%}")
+        if "peak_memory_gib" in last:
+            speed.append(f"{last['peak_memory_gib']:.1f} GiB")
+        eta = last.get("eta")
+        when = f"{elapsed}, ETA {duration(eta)}" if eta is not None else elapsed
+        return "  ".join(speed) + f" | {when}" if speed else when
+
+    def say_what_the_eta_counts(self, args, state) -> None:
+        """Once, as training starts: what the ETA on each line counts."""
+        evaluations, saves = events_left(args, state)
+        parts = ["the steps left at the speed of the recent ones"]
+        if evaluations:
+            cost = (f"{duration(self.eval_seconds)} each, as the evaluation before training took"
+                    if self.eval_seconds is not None else "at the time the first one takes")
+            parts.append(f"{evaluations} evaluation(s) left ({cost})")
+        if saves:
+            parts.append(f"{saves} checkpoint save(s) left (at the time the first one takes)")
+        logger.info("each line's ETA counts %s", ", ".join(parts))
+
+    def report(self, state, **fields: Any) -> None:
+        """Bring the status file up to date (main process)."""
+        if self.status is None:
+            return
+        last = self.last
+        self.status.update(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
+                           elapsed=time.time() - self.started, eta=last.get("eta"),
+                           seconds_per_step=last.get("seconds_per_step"),
+                           tokens_per_second=last.get("tokens_per_second"), **fields)
+
+
+def events_left(args, state) -> tuple[int, int]:
+    """Evaluations and checkpoint saves still to come, as the Trainer schedules them (every `eval_steps` /
+    `save_steps`, and at the last step): those of the current step count, as a step's log comes before them."""
+    step, last = state.global_step, state.max_steps
+
+    def left(strategy: str, every: float | None) -> int:
+        if strategy != "steps" or not every or not last:
+            return 0
+        every = math.ceil(every * last) if every < 1 else int(every)
+        return last // every - max(step - 1, 0) // every + (last % every != 0)
+
+    return (left(str(getattr(args.eval_strategy, "value", args.eval_strategy)), args.eval_steps),
+            left(str(getattr(args.save_strategy, "value", args.save_strategy)), args.save_steps))
 
 
 def throughput_values(tokens: int, seconds: float, flops_per_token: float, peak_flops: float | None) -> dict:
@@ -171,6 +331,13 @@ def throughput_values(tokens: int, seconds: float, flops_per_token: float, peak_
     if peak_flops:
         values["mfu"] = round(tokens_per_second * flops_per_token / peak_flops, 4)
     return values
+
+
+def peak_memory_gib() -> float | None:
+    """The most GPU memory this process has held for tensors so far, in GiB (None without CUDA)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def flops_per_token(model: PreTrainedModel, block_size: int) -> float:

@@ -45,6 +45,7 @@ from igea.preflight import check_before_training, check_block_size
 from igea.progress import progress_bars_off_in_logs
 from igea.rundir import BEFORE_METRICS, RUN_MARKER, check_output_dir, read_json, write_json_atomic
 from igea.runstart import RunLock, RunStart, plan_run, start_record
+from igea.status import StatusFile
 from igea.streaming import BlockStream
 from igea.tracking import check_report_to
 from igea.trainer import ResumedCadence, build_trainer
@@ -104,14 +105,23 @@ def _open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_chang
                 start = plan_run(cfg.to_dict(), cfg.output_dir, resume, overwrite, allow_config_change)
         if state.num_processes > 1:
             start = broadcast_object_list([start])[0]
+        if state.is_main_process:
+            start.status = StatusFile(cfg.output_dir)
+            start.status.update(phase="starting: reading the corpus and loading the model")
         try:
             yield start
         except BaseException as err:
             if state.is_main_process:
                 start.abandon()
-            if isinstance(err, Exception) and disk_full(err, cfg.output_dir):
-                raise IgeaError(f"no space left on the device of {cfg.output_dir} ({first_line(err)}); free some "
-                                "space, then continue with --resume") from err
+            full = isinstance(err, Exception) and disk_full(err, cfg.output_dir)
+            message = (f"no space left on the device of {cfg.output_dir} ({first_line(err)}); free some space, "
+                       "then continue with --resume") if full else first_line(err)
+            if start.status is not None:  # what `igea status` says of this run from now on
+                stopped = isinstance(err, (KeyboardInterrupt, Preempted))
+                start.status.ended("interrupted" if stopped else "failed",
+                                   error="stopped by Ctrl-C" if isinstance(err, KeyboardInterrupt) else message)
+            if full:
+                raise IgeaError(message) from err
             raise
 
 
@@ -173,7 +183,8 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     if cfg.data.packing == "documents":
         model.config.use_cache = False  # with a cache, restarting position_ids do not mask across documents
     metrics: dict[str, Any] = {"data": data.stats}
-    trainer = build_trainer(cfg, args, model, tokenizer, data, benchmarks if cfg.eval.during_training else ())
+    trainer = build_trainer(cfg, args, model, tokenizer, data, benchmarks if cfg.eval.during_training else (),
+                            started=start.opened, status=start.status)
     settle_cadence(trainer, cfg)
     if trainer.is_world_process_zero() and not cfg.data.streaming:
         report_mixture_plan(data.stats["train"], planned_blocks(args, len(data.train)))
@@ -214,9 +225,11 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
         metrics["after"] = final_evaluation(trainer)
     if args.load_best_model_at_end and trainer.state.best_model_checkpoint:
         metrics["best"] = best_checkpoint(trainer)
+    if start.status is not None:
+        start.status.update(phase="saving the final weights", eta=None)
     result = save_run(trainer, cfg, metrics, start)
     if finish and trainer.is_world_process_zero():
-        mark_finished(cfg, result)
+        mark_finished(cfg, result, start)
     return result
 
 
@@ -324,9 +337,11 @@ def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any], start: 
     return result
 
 
-def mark_finished(cfg: IgeaConfig, result: RunResult) -> None:
+def mark_finished(cfg: IgeaConfig, result: RunResult, start: RunStart) -> None:
     """Write `igea_run.json`, the marker of a finished run: config, versions, layout, metrics, and each resume
-    (with the settings it changed, and the config the run started with when any did)."""
+    (with the settings it changed, and the config the run started with when any did); the status says so."""
+    if start.status is not None:
+        start.status.ended("finished")
     started = start_record(cfg.output_dir)
     resumes = started.get("resumes", [])
     write_json_atomic(cfg.output_dir / RUN_MARKER, {

@@ -22,10 +22,12 @@ from igea.config import HELD_OUT_METRICS, TASK_METRICS, EvalConfig, IgeaConfig, 
 from igea.data import BlockCollator, PreparedData
 from igea.errors import IgeaError
 from igea.metrics import NextTokenMetrics, argmax_and_nll, combined, perplexity
+from igea.progress import Progress, duration, human_size
 from igea.rundir import CHECKPOINT_MARKER, mark_checkpoint_complete, rotate_checkpoints
+from igea.status import StatusFile
 from igea.streaming import BlockStream
 from igea.tasks import MultipleChoiceTask, run_tasks
-from igea.tracking import attach_tracking
+from igea.tracking import TrainingClock, attach_tracking
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class IgeaTrainer(Trainer):
         self.source_tokens = torch.zeros(len(self.sources), dtype=torch.long)
         self.benchmarks = list(benchmarks)
         self.eval_config = eval_config or EvalConfig()
+        self.clock: TrainingClock | None = None  # set by build_trainer: times the run, keeps its status file
+        self.eval_progress: Progress | None = None  # counts an evaluation's batches while it runs
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         source = inputs.pop("source", None)
@@ -95,14 +99,18 @@ class IgeaTrainer(Trainer):
         started = time.time()
         per_set: dict[str, float] = {}
         samples = 0
-        for name, dataset in named.items():
-            prefix = f"{metric_key_prefix}_{name}" if name else metric_key_prefix
-            # by name, the Trainer keeps one data loader per set when its workers persist
-            loader = self.get_eval_dataloader(name if name and eval_dataset is None else dataset)
-            output = self.evaluation_loop(loader, description=f"Evaluation {name}".strip(), ignore_keys=ignore_keys,
-                                          metric_key_prefix=prefix)
-            per_set.update(output.metrics)
-            samples += output.num_samples
+        self.eval_progress = self.announce_evaluation(named)
+        try:
+            for name, dataset in named.items():
+                prefix = f"{metric_key_prefix}_{name}" if name else metric_key_prefix
+                # by name, the Trainer keeps one data loader per set when its workers persist
+                loader = self.get_eval_dataloader(name if name and eval_dataset is None else dataset)
+                output = self.evaluation_loop(loader, description=f"Evaluation {name}".strip(),
+                                              ignore_keys=ignore_keys, metric_key_prefix=prefix)
+                per_set.update(output.metrics)
+                samples += output.num_samples
+        finally:
+            self.eval_progress = None
         groups = [metric_key_prefix] + [f"{metric_key_prefix}_{name}" for name in named if name]
         if len(named) > 1:
             per_set.update(totals(per_set, [name for name in named if name], metric_key_prefix))
@@ -114,10 +122,31 @@ class IgeaTrainer(Trainer):
             metrics.update(self.score_benchmarks(metric_key_prefix))
         batches = math.ceil(samples / (self.args.eval_batch_size * self.args.world_size))
         metrics.update(speed_metrics(metric_key_prefix, started, num_samples=samples, num_steps=batches))
+        if self.is_world_process_zero():
+            logger.info("evaluated in %s", duration(time.time() - started))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
+
+    def announce_evaluation(self, named: dict[str, Dataset]) -> Progress | None:
+        """Say which held-out sets an evaluation is about to read (main process), and return what counts its
+        batches: lines with percent and ETA in a log file (a terminal has the Trainer's bar)."""
+        if not self.is_world_process_zero():
+            return None
+        per_batch = self.args.eval_batch_size * self.args.world_size
+        sizes = {name: len(d) if hasattr(d, "__len__") else None for name, d in named.items()}
+        listed = ", ".join(f"{name} {size:,} blocks" if name else f"{size:,} blocks"
+                           for name, size in sizes.items() if size is not None)
+        when = (f"at step {self.state.global_step}" if self.state.global_step or self.state.max_steps
+                else "the model before training")
+        logger.info("evaluating %s: %s%s", when, listed,
+                    f" (and {len(self.benchmarks)} benchmark(s))" if self.benchmarks else "")
+        if self.clock is not None:
+            self.clock.report(self.state, phase=f"evaluating {when}")
+        total = sum(math.ceil(size / per_batch) for size in sizes.values() if size is not None)
+        return Progress(f"evaluating {when}", total, "batches", logger=logger, bar=False, say_done=False,
+                        every=None if self.args.disable_tqdm else math.inf)
 
     def score_benchmarks(self, prefix: str = "eval") -> dict[str, float]:
         """acc and acc_norm of the current weights on each benchmark of `eval.tasks` (`eval_<task>_acc`, ...).
@@ -143,6 +172,8 @@ class IgeaTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # The model is not given the labels: its own loss would be a second pass over the vocabulary, beside
         # the NLL `argmax_and_nll` computes for the exact token-weighted loss (issue 19).
+        if self.eval_progress is not None:
+            self.eval_progress.update()
         if prediction_loss_only:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
@@ -165,8 +196,12 @@ class IgeaTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        started = time.monotonic()
         if self.is_world_process_zero():
             (folder / CHECKPOINT_MARKER).unlink(missing_ok=True)  # a folder saved again is incomplete until marked
+            logger.info("saving %s", folder.name)
+            if self.clock is not None:
+                self.clock.report(self.state, phase=f"saving {folder.name}")
         super()._save_checkpoint(model, trial)  # the Trainer rotates nothing (igea holds save_total_limit)
         self.accelerator.wait_for_everyone()  # every rank has written its part (RNG states, shards)
         seen = self.tokens_seen_per_source()  # a collective: every rank takes part
@@ -174,6 +209,8 @@ class IgeaTrainer(Trainer):
             if isinstance(self.train_dataset, BlockStream):  # where the stream is, so that --resume need not replay it
                 self.train_dataset.save(folder, self.state.global_step * self.get_total_train_batch_size(self.args))
             mark_checkpoint_complete(folder, {"global_step": self.state.global_step, "tokens_seen": seen})
+            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            logger.info("saved %s (%s, %s)", folder.name, human_size(size), duration(time.monotonic() - started))
             best = self.state.best_model_checkpoint
             rotate_checkpoints(run_dir, self.save_total_limit, protect=(Path(best),) if best else ())
         self.accelerator.wait_for_everyone()
@@ -225,9 +262,11 @@ class ResumedCadence(TrainerCallback):
 
 
 def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, data: PreparedData,
-                  benchmarks: Sequence[MultipleChoiceTask] = ()) -> Trainer:
+                  benchmarks: Sequence[MultipleChoiceTask] = (), started: float | None = None,
+                  status: StatusFile | None = None) -> Trainer:
     """igea's Trainer over the packed blocks, with next-token accuracy as its metric, every held-out set evaluated
-    on its own, and `benchmarks` scored at every evaluation."""
+    on its own, and `benchmarks` scored at every evaluation. Its clock counts the elapsed time from `started`
+    (time.time(); default now) and keeps `status` (the run's status file, main process) up to date."""
     sets = data.validation_sets
     trainer = IgeaTrainer(
         stop_on_nonfinite_loss=cfg.training.get("stop_on_nonfinite_loss", True),
@@ -244,7 +283,8 @@ def build_trainer(cfg: IgeaConfig, args: TrainingArguments, model, tokenizer, da
         compute_metrics=NextTokenMetrics(),
         preprocess_logits_for_metrics=argmax_and_nll,
     )
-    attach_tracking(trainer, cfg)  # tracking: TensorBoard logs in the run dir, training.log_throughput
+    # tracking: TensorBoard logs in the run dir; speed, elapsed time and ETA on every line
+    trainer.clock = attach_tracking(trainer, cfg, started=started, status=status)
     return trainer
 
 

@@ -44,6 +44,7 @@ from igea.modeling import (
     to_device,
 )
 from igea.newrows import FIT_DOCUMENTS, INIT, distil, read_with_base, resize_and_initialise
+from igea.progress import bars_off_in_logs
 from igea.rundir import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Merge:
     count: int
 
 
+@bars_off_in_logs
 def extend_vocabulary(
     model: str,
     texts: Sequence[str],

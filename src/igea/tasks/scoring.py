@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igea.config import EvalConfig
 from igea.errors import IgeaError
+from igea.progress import Progress, duration
 from igea.tasks.base import MultipleChoiceTask
 from igea.tasks.load import load_task
 
@@ -140,21 +142,24 @@ def loglikelihoods(
     tokenizer: PreTrainedTokenizerBase,
     requests: list[tuple[str, list[str]]],
     batch_size: int = 8,
+    what: str = "scoring",
 ) -> list[list[float]]:
     """Log-likelihood of each continuation given its context, for `(context, continuations)` requests.
 
-    The same numbers as lm-eval's `loglikelihood` on the `(context, continuation)` pairs; prompts are
-    batched `batch_size` at a time, longest first.
+    The same numbers as lm-eval's `loglikelihood` on the `(context, continuations)` pairs; prompts are
+    batched `batch_size` at a time, longest first. Progress (`what`) is a bar in a terminal, lines in a log file.
     """
     model.eval()
     max_length = context_length(model, tokenizer)
     encoded = [encode_request(tokenizer, ctx, conts, max_length) for ctx, conts in requests]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].context))
     results: list[list[float]] = [[] for _ in encoded]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        for i, scores in zip(chunk, score_batch(model, [encoded[i] for i in chunk]), strict=True):
-            results[i] = scores
+    with Progress(what, math.ceil(len(order) / batch_size), "batches", logger=logger, say_done=False) as progress:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, scores in zip(chunk, score_batch(model, [encoded[i] for i in chunk]), strict=True):
+                results[i] = scores
+            progress.update()
     return results
 
 
@@ -183,7 +188,7 @@ def score_task(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: MultipleChoiceTask, batch_size: int = 8
 ) -> dict[str, Any]:
     """acc, acc_norm (with standard errors) and per-question predictions of `model` on `task`."""
-    rows = predictions(task, loglikelihoods(model, tokenizer, task.requests(), batch_size))
+    rows = predictions(task, loglikelihoods(model, tokenizer, task.requests(), batch_size, what=task.name))
     acc, acc_stderr = _mean_and_stderr([float(r["pred"] == r["gold"]) for r in rows])
     acc_norm, acc_norm_stderr = _mean_and_stderr([float(r["pred_norm"] == r["gold"]) for r in rows])
     return {
@@ -215,9 +220,11 @@ def run_tasks(
     for task in task_names:
         if not isinstance(task, MultipleChoiceTask):
             task = load_task(task, eval_cfg.num_fewshot, eval_cfg.limit)
-        logger.info("%s: %d questions, %d-shot", task.name, len(task.items), task.num_fewshot)
+        logger.info("%s: scoring %d questions, %d-shot", task.name, len(task.items), task.num_fewshot)
+        started = time.monotonic()
         results[task.name] = summary = score_task(model, tokenizer, task, eval_cfg.batch_size)
-        logger.info("%s: acc=%.4f acc_norm=%.4f", task.name, summary["acc"], summary["acc_norm"])
+        logger.info("%s: acc=%.4f acc_norm=%.4f (scored in %s)", task.name, summary["acc"], summary["acc_norm"],
+                    duration(time.monotonic() - started))
     return results
 
 
