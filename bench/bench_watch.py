@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
     texts = base_texts()
     corpus = work / "corpus.txt"
     corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    heads = max(1, args.hidden_size // 64)
+    heads = max(1, args.hidden_size // 64)  # a 135M Llama: 9 heads of 64, 3 key/value heads, 1536 wide MLP
     shape = TinyModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                            num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=3 * args.hidden_size,
-                            max_position_embeddings=args.block_size)
+                            num_attention_heads=heads, num_key_value_heads=heads // 3 if heads % 3 == 0 else heads,
+                            intermediate_size=8 * args.hidden_size // 3, max_position_embeddings=args.block_size)
     model_dir = igea.build_tiny_model(texts, shape, work / "model")
     every = max(1, args.steps // args.evaluations)
     cfg = config_from_dict({

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from igea.cli import main
+from igea.status import run_status
 
 from conftest import raw_warning_lines, write_config
 
@@ -48,7 +49,11 @@ def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_model_di
     losses = {name: [e["loss"] for e in json.loads((tmp_path / name / "log_history.json").read_text())
                      if "loss" in e] for name in ("one", "two")}
     assert losses["one"] == pytest.approx(losses["two"], abs=1e-3)
-
+    # the main process alone keeps the status, which `igea status` reads whatever the number of processes
+    status = run_status(tmp_path / "two")
+    assert (status["state"], status["step"], status["max_steps"]) == ("finished", 12, 12)
+    assert status["evaluation"]["loss"] == pytest.approx(two_after["eval_loss"])
+    assert sum("evaluating at step 6: " in line for line in double.stderr.splitlines()) == 1  # the main process
 
 def test_the_readme_multi_process_commands_run_from_a_fresh_output_dir(tmp_path):
     """README's two CPU data-parallel commands on the demo config, nothing prepared: the rank that builds the
@@ -108,6 +113,7 @@ def patched(self, model, inputs, num_items_in_batch=None):
 
 T.IgeaTrainer.training_step = patched
 from igea.cli import main
+from igea.status import run_status
 sys.exit(main(sys.argv[1:]))
 """
 

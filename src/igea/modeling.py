@@ -25,6 +25,7 @@ from igea.config import IgeaConfig, ModelConfig, TinyModelConfig, has_tokenizer_
 from igea.data import read_documents
 from igea.errors import ConfigError, IgeaError
 from igea.hub import hub_reachable
+from igea.progress import bars_off_in_logs
 from igea.rundir import TINY_MARKER
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def ensure_tiny_model(cfg: IgeaConfig) -> Path:
     return build_tiny_model(texts, cfg.model.tiny, target, recipe)
 
 
+@bars_off_in_logs
 def build_tiny_model(texts: Iterable[str], shape: TinyModelConfig, out_dir: str | Path,
                      recipe: dict | None = None) -> Path:
     """Train a byte-level BPE tokenizer on `texts` and save a randomly initialised tiny Mistral beside it.
