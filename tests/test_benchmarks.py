@@ -143,3 +143,14 @@ def test_held_out_sets_benchmark_gives_the_totals_of_their_union():
     assert result["same_totals"] and result["sets"] == 2
     assert result["sets_s"] > 0 and result["union_s"] > 0
     assert result["ratio"] == pytest.approx(result["sets_s"] / result["union_s"], rel=1e-2)
+
+
+def test_watch_benchmark_compares_the_eta_with_the_time_training_took():
+    [result] = run_bench("bench_watch.py", "--quick")
+
+    assert set(result["eta_at"]) == {"25%", "50%", "75%"}
+    for share, at in result["eta_at"].items():
+        assert at["step"] >= float(share.rstrip("%")) / 100 * result["steps"]
+        assert at["eta_s"] > 0 and 0 < at["real_s"] < result["train_seconds"]
+        assert at["error"] == pytest.approx(abs(at["eta_s"] - at["real_s"]) / at["real_s"], abs=1e-3)
+    assert result["watching_calls"] >= result["steps"] and 0 < result["watching_share"] < 1
