@@ -10,13 +10,16 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
 
 import igea
 from igea.arguments import training_arguments
 from igea.basemodel import load_tokenizer
-from igea.config import sample_corpus_path
+from igea.blockstore import document_ids
+from igea.config import GENERAL_TEXT, ConfigError, sample_corpus_path, shipped_corpus_path
 from igea.data import mixture_plan, prepare_dataset, report_mixture_plan
 from igea.trainer import build_trainer
 
@@ -157,3 +160,103 @@ def test_a_mixed_run_reports_blocks_available_used_and_passes(tiny_model_dir, ha
     card = (cfg.output_dir / "README.md").read_text(encoding="utf-8")
     g = used["general"]
     assert f"general: {g['blocks']:,} blocks, {g['used']:,} used, {g['passes']:.1f} passes" in card
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replay from a real general corpus: a hub corpus streamed and capped per source, tested on local parquet files of
+# its shape (CulturaX: `text`, `timestamp`, `url`, `source`, in several files)
+
+
+@pytest.fixture(scope="module")
+def hub_shaped(tmp_path_factory) -> tuple[Path, list[str]]:
+    """Everyday Italian in three parquet files shaped like a CulturaX language folder, and its texts in order."""
+    texts = Path(shipped_corpus_path(GENERAL_TEXT)).read_text(encoding="utf-8").splitlines()
+    folder = tmp_path_factory.mktemp("culturax") / "it"
+    folder.mkdir()
+    for part, start in enumerate(range(0, len(texts), 28)):
+        rows = texts[start:start + 28]
+        pq.write_table(pa.table({
+            "text": rows,
+            "timestamp": [f"2019/05/{10 + i % 20:02d} 10:12:57" for i in range(len(rows))],
+            "url": [f"https://example.org/{part}/{i}" for i in range(len(rows))],
+            "source": ["mC4" if i % 2 else "OSCAR-2019" for i in range(len(rows))],
+        }), folder / f"it_part_{part:05d}.parquet")
+    return folder, texts
+
+
+def replay_mixture(tmp_path, model_dir, domain, folder, replay, weights=(0.9, 0.1), **data):
+    sources = [{"path": str(domain), "weight": weights[0], "label": "biomed"},
+               {"path": str(folder / "*.parquet"), "weight": weights[1], "text_column": "text", "label": "general",
+                **replay}]
+    cfg = make_config(tmp_path, model_dir, domain, data={"path": None, "sources": sources, "validation_split": 0,
+                                                          "block_size": BLOCK, **data})
+    return cfg, prepare_dataset(cfg, load_tokenizer(cfg))
+
+
+def replay_ids(cfg, texts) -> tuple[np.ndarray, np.ndarray]:
+    """The replay corpus as the run tokenizes it: each document's token count, and all ids in order."""
+    ids = document_ids(load_tokenizer(cfg), texts, cfg.data.document_boundary)
+    return np.array([len(i) for i in ids]), np.concatenate([np.asarray(i) for i in ids])
+
+
+def blocks_of(ids: np.ndarray) -> set[tuple[int, ...]]:
+    return {tuple(int(t) for t in ids[i:i + BLOCK]) for i in range(0, len(ids) - BLOCK + 1, BLOCK)}
+
+
+def test_replay_from_hub_shaped_parquet_reads_whole_documents_up_to_its_token_cap(tiny_model_dir, halves, hub_shaped,
+                                                                                  tmp_path):
+    folder, texts = hub_shaped
+    cfg, data = replay_mixture(tmp_path, tiny_model_dir, halves[0], folder, {"max_tokens": 3000})
+    lengths, ids = replay_ids(cfg, texts)
+    assert lengths.sum() > 3 * 3000  # the corpus is much larger than the cap
+    documents = int(np.searchsorted(np.cumsum(lengths), 3000, side="right"))  # whole documents within the cap
+    tokens = int(lengths[:documents].sum())
+    general = data.stats["train"]["sources"]["general"]
+    assert (general["documents"], general["tokens"], general["blocks"]) == (documents, tokens, tokens // BLOCK)
+    assert tokens <= 3000
+    seen = composition(data.train)
+    assert set(seen[1]) <= blocks_of(ids[:tokens])  # only the first documents, in the files' order
+    assert len(seen[1]) == general["blocks"]
+    n0 = data.stats["train"]["sources"]["biomed"]["blocks"]
+    assert sum(seen[0].values()) == n0 and sum(seen[1].values()) == round(n0 / 0.9 * 0.1) == general["drawn"]
+    _, more = replay_mixture(tmp_path / "more", tiny_model_dir, halves[0], folder, {"max_tokens": 6000})
+    assert 3000 < more.stats["train"]["sources"]["general"]["tokens"] <= 6000  # another cap: other blocks
+
+
+def test_replay_capped_in_documents_holds_out_its_share_from_them(tiny_model_dir, halves, hub_shaped, tmp_path):
+    folder, texts = hub_shaped
+    cfg, data = replay_mixture(tmp_path, tiny_model_dir, halves[0], folder, {"max_documents": 20},
+                               validation_split=2)
+    sets = data.stats["validation_sets"]
+    assert data.stats["train"]["sources"]["general"]["documents"] == 18 and sets["general"]["documents"] == 2
+    assert sets["biomed"]["documents"] == 2 and data.stats["train"]["sources"]["biomed"]["documents"] == 198
+    lengths, _ = replay_ids(cfg, texts)
+    train_tokens = data.stats["train"]["sources"]["general"]["tokens"]
+    assert train_tokens + sets["general"]["tokens"] == lengths[:20].sum()  # the first 20 documents, no other
+
+
+def test_streamed_replay_starts_over_at_its_token_cap_and_keeps_its_weight(tiny_model_dir, halves, hub_shaped,
+                                                                           tmp_path):
+    folder, texts = hub_shaped
+    cfg, data = replay_mixture(tmp_path, tiny_model_dir, halves[0], folder, {"max_tokens": 1000}, weights=(0.7, 0.3),
+                               streaming=True, shuffle_buffer=8)
+    rows = list(islice(data.train, 600))
+    general = [tuple(r["input_ids"]) for r in rows if r["source"] == 1]
+    _, ids = replay_ids(cfg, texts)
+    assert set(general) == blocks_of(ids[:1000 // BLOCK * BLOCK])  # the first 15 blocks, nothing after them
+    assert len(general) > 5 * 15  # drawn pass after pass
+    p, n = 0.3, len(rows)
+    assert abs(len(general) - n * p) <= 4 * math.sqrt(n * p * (1 - p))
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ({"max_tokens": 10}, "data.sources[1].max_tokens: 10 is not allowed; it must be at least data.block_size (64)"),
+    ({"max_documents": 0}, "data.sources[1].max_documents: 0 is not allowed; it must be at least 1"),
+    ({"max_tokens": "lots"}, "data.sources[1].max_tokens: expected an integer or null, got 'lots'"),
+    ({"max_token": 5000}, "unknown key 'data.sources[1].max_token'; did you mean 'max_tokens'"),
+])
+def test_per_source_caps_are_checked_at_load(tiny_model_dir, halves, tmp_path, source, message):
+    sources = [{"path": str(halves[0])}, {"path": str(halves[1]), **source}]
+    with pytest.raises(ConfigError) as caught:
+        make_config(tmp_path, tiny_model_dir, halves[0], data={"path": None, "sources": sources})
+    assert str(caught.value).startswith(message), str(caught.value)

@@ -212,6 +212,31 @@ def test_a_stream_resumes_exactly_from_any_block(tiny_model_dir, corpus_file, tm
         assert state["epoch"] >= 1
 
 
+def test_a_capped_source_starts_over_at_its_cap_and_resumes_exactly(tiny_model_dir, corpus_file, tmp_path,
+                                                                    monkeypatch):
+    """`data.sources[].max_tokens` on a stream: 50 blocks of the source per pass (a shuffle window of 40 and one of
+    10), resumable from any block, and a checkpoint taken under another cap is refused."""
+    monkeypatch.setattr(streaming_module, "DOCUMENT_BATCH", 8)
+    sources = two_sources(corpus_file, (0.7, 0.3))
+    sources[1]["max_tokens"] = 50 * 32 + 7
+    make = stream_of(tmp_path, tiny_model_dir, corpus_file, sources=sources, path=None, shuffle_buffer=40)
+    stream = make()
+    reference = list(islice(stream, 2000))
+    capped = [tuple(r["input_ids"]) for r in reference if r["source"] == 1]
+    assert len(set(capped)) == 50 and len(capped) > 8 * 50
+    for k in (0, 41, 170, 1500):
+        reading = iter(stream)
+        next(islice(reading, k + 7, None))
+        state = json.loads(json.dumps(stream.position_after(k)))
+        resumed = make()
+        resumed.load_position(state)
+        assert list(islice(resumed, 200)) == reference[k:k + 200], k
+    sources[1]["max_tokens"] = 60 * 32
+    other = stream_of(tmp_path, tiny_model_dir, corpus_file, sources=sources, path=None, shuffle_buffer=40)()
+    with pytest.raises(IgeaError, match=r"max_tokens: \[None, 1607\] -> \[None, 1920\]"):
+        other.load_position(state)
+
+
 def test_resuming_late_reads_no_more_than_resuming_early(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     monkeypatch.setattr(streaming_module, "DOCUMENT_BATCH", 8)
     tokenized: list[str] = []

@@ -212,22 +212,35 @@ class HeldOut:
 
 
 def build_blocks(batches: Iterable[list[str]], encoder: DocumentEncoder, out_dir: Path, *, block_size: int,
-                 packing: str, held_out: HeldOut, num_proc: int = 1) -> dict[str, Any]:
+                 packing: str, held_out: HeldOut, num_proc: int = 1, max_tokens: int | None = None) -> dict[str, Any]:
     """Tokenize `batches` of documents and write their blocks into `out_dir`; return the counts.
 
-    First pass: every document's ids go, in order, to a flat token file (and its length to a length file).
+    First pass: every document's ids go, in order, to a flat token file (and its length to a length file); with
+    `max_tokens`, reading stops at the last whole document within that many tokens (a large corpus drawn in part).
     Second pass: the documents `held_out.mask(n)` picks go to the held-out split, the others are kept, and each
     side is cut into `block_size` blocks; the two flat files are then deleted.
     """
     started = time.perf_counter()
     tokens_path, lengths_path = out_dir / "tokens.tmp", out_dir / "lengths.tmp"
     documents = tokens = 0
+    capped = False
+    encoded = encode_batches(encoder, batches, num_proc)
     with open(tokens_path, "wb") as token_file, open(lengths_path, "wb") as length_file:
-        for lengths, ids in encode_batches(encoder, batches, num_proc):
+        for lengths, ids in encoded:
+            if max_tokens is not None and tokens + len(ids) >= max_tokens:
+                fit = int(np.searchsorted(np.cumsum(lengths, dtype=np.int64), max_tokens - tokens, side="right"))
+                lengths, ids = lengths[:fit], ids[:int(lengths[:fit].sum())]
+                capped = True
             token_file.write(ids.data)
             length_file.write(lengths.data)
             documents += len(lengths)
             tokens += len(ids)
+            if capped:
+                break
+    encoded.close()  # a capped read leaves batches unread: the tokenizing processes stop here
+    if capped:
+        logger.info("read %d documents, %d tokens: the first whole documents within max_tokens=%d", documents,
+                    tokens, max_tokens)
     tokenize_s = time.perf_counter() - started
     count = held_out.count(documents)
     with_positions = packing == "documents"

@@ -32,7 +32,12 @@ SAMPLE_CORPUS = "igea:sample"
 GENERAL_TEXT = "igea:general"
 """A corpus value that names the general (not medical) Italian held-out text shipped inside the package: everyday
 sentences, to see what continued pretraining on a domain costs the model elsewhere."""
-SHIPPED_CORPORA = {SAMPLE_CORPUS: "sample_corpus.txt", GENERAL_TEXT: "general_italian.txt"}
+GENERAL_ENGLISH = "igea:general-en"
+"""The same for everyday English (as large, nothing medical): a base trained on English too keeps it or loses it."""
+SHIPPED_CORPORA = {SAMPLE_CORPUS: "sample_corpus.txt", GENERAL_TEXT: "general_italian.txt",
+                   GENERAL_ENGLISH: "general_english.txt"}
+HELD_OUT_TEXTS = (GENERAL_TEXT, GENERAL_ENGLISH)
+"""Shipped texts meant as held-out sets: a few thousand tokens each, too small to train on (replay repeats them)."""
 
 MIX_MODES = {
     "primary": "an epoch is one pass over the first source; the others are drawn by weight and start over when "
@@ -214,6 +219,8 @@ class SourceConfig(Section):
     name: str | None = None  # a hub dataset's configuration (as `load_dataset(path, name)`)
     split: str = "train"
     label: str | None = None  # the source's name in metrics, logs and the card (default: its name or file)
+    max_documents: int | None = None  # read at most this many of its documents (default: data.max_documents)
+    max_tokens: int | None = None  # read at most this many of its tokens: a large corpus (the hub's) drawn in part
 
 
 @dataclass
@@ -259,11 +266,17 @@ class DataConfig(Section):
                 check_corpus_files(paths, key)
         source_names(self)  # each a distinct identifier
         held_out_set_names(self)
+        _at_least(self, "block_size", 2)
         for i, source in enumerate(self.sources):
             if source.weight <= 0:
                 raise ConfigError(f"data.sources[{i}].weight: {show(source.weight)} is not allowed; it must be "
                                   "greater than 0")
-        _at_least(self, "block_size", 2)
+            if source.max_documents is not None and source.max_documents < 1:
+                raise ConfigError(f"data.sources[{i}].max_documents: {show(source.max_documents)} is not allowed; "
+                                  "it must be at least 1")
+            if source.max_tokens is not None and source.max_tokens < self.block_size:
+                raise ConfigError(f"data.sources[{i}].max_tokens: {show(source.max_tokens)} is not allowed; it must "
+                                  f"be at least data.block_size ({self.block_size}): a source gives whole blocks")
         _at_least(self, "shuffle_buffer", 1)
         vs = self.validation_split
         if isinstance(vs, float) and not 0 <= vs < 1 or isinstance(vs, int) and vs < 0:
@@ -1027,7 +1040,7 @@ def sample_corpus_path() -> str:
 
 
 def shipped_corpus_path(name: str) -> str:
-    """Path of a text shipped with the package: `igea:sample` or `igea:general`."""
+    """Path of a text shipped with the package: `igea:sample`, `igea:general` or `igea:general-en`."""
     return str(Path(__file__).parent / "resources" / SHIPPED_CORPORA[name])
 
 

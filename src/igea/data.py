@@ -50,6 +50,7 @@ from igea.blockstore import (
     tokenizer_fingerprint,
 )
 from igea.config import (
+    HELD_OUT_TEXTS,
     DataConfig,
     IgeaConfig,
     SourceConfig,
@@ -70,6 +71,8 @@ BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parq
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
 PMID_PREFIX = re.compile(r"^\s*\d+\s*\|")
 READ_BATCH = 1000  # documents read, cleaned and tokenized together
+SMALL_SET_BLOCKS = 20
+"""A held-out set of fewer blocks than this gives a loss that moves with its few texts more than with the model."""
 
 
 @dataclass
@@ -105,6 +108,7 @@ def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase) -> Prep
     """
     d = cfg.data
     seed = d.seed if d.seed is not None else cfg.training.get("seed", 42)
+    warn_if_training_on_held_out_texts(d)
     if not d.streaming:
         return prepare_blocks(d, tokenizer, seed)
     sources = data_sources(d)
@@ -122,7 +126,8 @@ def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase) -> Prep
     sets = {name: pack_split(documents, tokenizer, d) for name, documents in held_documents.items()}
     names = [source_name(s) for s in sources]
     train = BlockStream(train_parts, names, [s.weight for s in sources], tokenizer, d, seed,
-                        explain=lambda index: explained_errors(d, sources[index]))
+                        explain=lambda index: explained_errors(d, sources[index]),
+                        max_tokens=[s.max_tokens for s in sources])
     stats = {"train": {"streaming": True, "sources": names, **({"mix": d.mix} if len(sources) > 1 else {})},
              **held_out_stats(sets, d)}
     return PreparedData(train, {name: blocks for name, (blocks, _) in sets.items()}, stats)
@@ -144,10 +149,33 @@ def held_out_stats(sets: dict[str, tuple[Dataset, dict[str, int]]], d: DataConfi
         return {}
     checked = {name: checked_counts(f"the held-out set '{name}'" if len(sets) > 1 else "the validation split",
                                     counts, d) for name, (_, counts) in sets.items()}
+    for name, counts in checked.items():
+        warn_if_small(name, counts["blocks"], d.block_size, "data.block_size")
     if len(sets) == 1:
         return {"validation": next(iter(checked.values()))}
     total = {key: sum(c[key] for c in checked.values()) for key in ("documents", "tokens", "blocks", "remainder")}
     return {"validation": total, "validation_sets": checked}
+
+
+def warn_if_small(name: str, blocks: int, block_size: int, block_key: str) -> None:
+    """One warning for a held-out set of fewer than SMALL_SET_BLOCKS blocks: its loss is noise more than signal
+    (`block_key` names the setting that sets the block size where the warning arises)."""
+    if blocks < SMALL_SET_BLOCKS:
+        logger.warning("held-out set '%s' has only %d blocks of %d tokens (fewer than %d): its loss moves with "
+                       "its few texts more than with the model; give it more text or lower %s", name,
+                       blocks, block_size, SMALL_SET_BLOCKS, block_key)
+
+
+def warn_if_training_on_held_out_texts(d: DataConfig) -> None:
+    """One warning per training source that is a shipped held-out text (`igea:general`, `igea:general-en`): a few
+    thousand tokens, which replay would repeat pass after pass, and which then no longer measure anything held
+    out."""
+    for i, source in enumerate(data_sources(d)):
+        if source.path in HELD_OUT_TEXTS:
+            key = f"data.sources[{i}].path" if d.sources else "data.path"
+            logger.warning("%s: %s is a held-out set shipped with igea, not a training corpus: replay repeats its "
+                           "few thousand tokens again and again, and it no longer measures forgetting; replay from "
+                           "a real general corpus (README, Measuring forgetting)", key, source.path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,7 +219,7 @@ def prepare_corpus(d: DataConfig, source: SourceConfig, tokenizer: PreTrainedTok
     settings = {
         "corpus": corpus_identity(d, source),
         "text_column": source.text_column or d.text_column,
-        "max_documents": d.max_documents,
+        "max_documents": document_limit(d, source),
         "min_chars": d.min_chars,
         "encoding_errors": d.encoding_errors,
         "document_boundary": d.document_boundary,
@@ -200,6 +228,8 @@ def prepare_corpus(d: DataConfig, source: SourceConfig, tokenizer: PreTrainedTok
         "held_out": {"split": held_out.split, "seed": held_out.seed} if held_out.split else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    if source.max_tokens is not None:  # only when set: the blocks prepared before the key existed stay valid
+        settings["max_tokens"] = source.max_tokens
 
     def build(directory: Path) -> dict[str, Any]:
         logger.info("%s: tokenizing into blocks of %d tokens (once: later runs reuse them)", source_name(source),
@@ -209,11 +239,17 @@ def prepare_corpus(d: DataConfig, source: SourceConfig, tokenizer: PreTrainedTok
         first = next(batches)
         encoder.check(first[:16])
         return build_blocks(chain([first], batches), encoder, directory, block_size=d.block_size,
-                            packing=d.packing, held_out=held_out, num_proc=d.num_proc or 1)
+                            packing=d.packing, held_out=held_out, num_proc=d.num_proc or 1,
+                            max_tokens=source.max_tokens)
 
     prepared = open_or_build(prepared_root(d), cache_key(settings), settings, build)
     logger.info("%s: %s blocks in %s", source_name(source), prepared.cache, prepared.path)
     return prepared
+
+
+def document_limit(d: DataConfig, source: SourceConfig) -> int | None:
+    """How many documents of `source` are read at most: its own `max_documents`, else `data.max_documents`."""
+    return source.max_documents if source.max_documents is not None else d.max_documents
 
 
 def prepared_root(d: DataConfig) -> Path:
@@ -256,19 +292,20 @@ def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ
     """
     column = source.text_column or d.text_column
     min_chars = max(d.min_chars, 1)
+    limit = document_limit(d, source)
     files = resolve_local_files(source.path, "data.path")
     strip_pmid = files is not None and file_format(files[0]) == "text"
     read = kept = missing = 0
     with explained_errors(d, source):
         dataset = _open_files(files, d, streaming=True) if files else _load_hub(source, d, streaming=True)
         _check_column(dataset, column, files[0] if files else str(source.path))
-        total, exact = estimated_documents(files, dataset, d.max_documents) if report else (None, True)
+        total, exact = estimated_documents(files, dataset, limit) if report else (None, True)
         progress = Progress(f"{source_name(source)}: reading", total, "documents" if exact else "documents (estimated)",
                             logger=logger, bar=report, every=None if report else math.inf, say_done=False)
         for batch in dataset.select_columns([column]).iter(batch_size=batch_size):
             texts = batch[column]
-            if d.max_documents is not None:
-                texts = texts[: d.max_documents - read]
+            if limit is not None:
+                texts = texts[: limit - read]
             _check_texts(texts)
             read += len(texts)
             progress.update(len(texts))
@@ -279,7 +316,7 @@ def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ
             kept += len(texts)
             if texts:
                 yield texts
-            if d.max_documents is not None and read >= d.max_documents:
+            if limit is not None and read >= limit:
                 break
         progress.close()
     if report:
@@ -489,9 +526,9 @@ def load_corpus(d: DataConfig, source: SourceConfig | None = None, streaming: bo
     dataset = dataset.select_columns([column])
     if column != "text":
         dataset = dataset.rename_column(column, "text")
-    if d.max_documents is not None:
-        dataset = dataset.take(d.max_documents) if streaming else dataset.select(
-            range(min(d.max_documents, len(dataset))))
+    limit = document_limit(d, source)
+    if limit is not None:
+        dataset = dataset.take(limit) if streaming else dataset.select(range(min(limit, len(dataset))))
     return dataset
 
 

@@ -19,7 +19,7 @@ from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBas
 
 from igea.blockstore import HeldOut
 from igea.config import DataConfig, EvalConfig, data_sources, resolve_local_files
-from igea.data import BlockCollator, prepare_corpus
+from igea.data import BlockCollator, prepare_corpus, warn_if_small
 from igea.errors import ConfigError, IgeaError, show
 from igea.metrics import NextTokenMetrics, argmax_and_nll, combined, perplexity
 from igea.modeling import load_pretrained
@@ -209,6 +209,7 @@ def held_out_blocks(tokenizer: PreTrainedTokenizerBase, data: DataConfig,
     stats.update(corpus=data.path, block_size=data.block_size, packing=data.packing)
     logger.info("held-out%s: %d documents -> %d blocks of %d", f" set '{name}'" if name else "", stats["documents"],
                 stats["blocks"], data.block_size)
+    warn_if_small(name or "corpus", stats["blocks"], data.block_size, "the block size (--block-size, block_size=)")
     return prepared.kept, stats
 
 

@@ -170,11 +170,14 @@ def cut_blocks(carry_ids: np.ndarray, carry_pos: np.ndarray, docs: list[list[int
 
 
 class WindowedSource:
-    """A source's blocks of one epoch, shuffled in windows; resumes at any block from (taken, window start)."""
+    """A source's blocks of one epoch, shuffled in windows; resumes at any block from (taken, window start).
+
+    With `limit`, a pass over the source ends after its first `limit` blocks (`data.sources[].max_tokens`).
+    """
 
     def __init__(self, make_blocks: Callable[[Position], SourceBlocks], window: int, seed: list[int],
-                 taken: int = 0, start: Position | None = None, passes: int = 0) -> None:
-        self.make_blocks, self.window, self.seed = make_blocks, window, seed
+                 taken: int = 0, start: Position | None = None, passes: int = 0, limit: int | None = None) -> None:
+        self.make_blocks, self.window, self.seed, self.limit = make_blocks, window, seed, limit
         self.taken = taken  # blocks given in this pass
         self.passes = passes  # earlier passes over the source in this epoch (it started over)
         self._start = start or Position()  # where the window holding block `taken` starts
@@ -198,7 +201,8 @@ class WindowedSource:
                 self._start = self._after
             if self._cutter is None:
                 self._cutter = self.make_blocks(self._start)
-            self._ids, self._pos = self._cutter.take(self.window)
+            size = self.window if self.limit is None else max(0, min(self.window, self.limit - index * self.window))
+            self._ids, self._pos = self._cutter.take(size)
             self._after = self._cutter.position()
             if self.window > 1:
                 order = np.random.default_rng([*self.seed, index]).permutation(len(self._ids))
@@ -222,12 +226,14 @@ class BlockStream(torch.utils.data.IterableDataset):
     """Training blocks of one or more streamed sources, windowed-shuffled and mixed by weight, resumable.
 
     Iterating starts at the loaded position (the beginning, or a checkpoint's); the stream is endless, one
-    epoch after another. With several sources each block carries its `source` index.
+    epoch after another. With several sources each block carries its `source` index. A source's `max_tokens`
+    (None: no cap) ends each pass over it after its first max_tokens // block_size blocks: it starts over sooner.
     """
 
     def __init__(self, parts: list[IterableDataset], labels: list[str], weights: list[float],
                  tokenizer: PreTrainedTokenizerBase, d: DataConfig, seed: int,
-                 explain: Callable[[int], AbstractContextManager] | None = None) -> None:
+                 explain: Callable[[int], AbstractContextManager] | None = None,
+                 max_tokens: list[int | None] | None = None) -> None:
         super().__init__()
         self.parts, self.labels, self.tokenizer = parts, labels, tokenizer
         self.explain = explain or (lambda index: nullcontext())  # turns a read error of source i into one line
@@ -239,6 +245,9 @@ class BlockStream(torch.utils.data.IterableDataset):
         self.layout = {"block_size": d.block_size, "packing": d.packing, "document_boundary": d.document_boundary,
                        "shuffle_buffer": self.window, "seed": seed, "sources": labels, "weights": list(weights),
                        "mix": self.mix}
+        self.limits = [None if m is None else m // d.block_size for m in max_tokens or [None] * len(parts)]
+        if any(limit is not None for limit in self.limits):  # only when set: older checkpoints keep resuming
+            self.layout["max_tokens"] = list(max_tokens)
         self._start = {"blocks": 0, "epoch": 0, "mixed": 0,
                        "sources": [{"taken": 0, "window": Position(), "passes": 0} for _ in parts]}
         self._trail: deque[tuple[int, int, int, tuple[tuple[int, Position], ...]]] = deque(maxlen=TRAIL)
@@ -292,7 +301,7 @@ class BlockStream(torch.utils.data.IterableDataset):
             return SourceBlocks(documents, self.tokenize, self.block_size, self.with_positions, at)
 
         seed = [self.seed, index, epoch] + ([passes] if passes else [])  # a new order for each pass
-        return WindowedSource(make_blocks, self.window, seed, taken, start, passes)
+        return WindowedSource(make_blocks, self.window, seed, taken, start, passes, self.limits[index])
 
     def _source_of(self, epoch: int, mixed: int) -> int:
         """The source of the `mixed`-th block of an epoch, drawn by weight."""
