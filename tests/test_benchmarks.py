@@ -143,3 +143,18 @@ def test_held_out_sets_benchmark_gives_the_totals_of_their_union():
     assert result["same_totals"] and result["sets"] == 2
     assert result["sets_s"] > 0 and result["union_s"] > 0
     assert result["ratio"] == pytest.approx(result["sets_s"] / result["union_s"], rel=1e-2)
+
+
+def test_forgetting_benchmark_scores_every_model_on_the_same_sets_and_merges_a_sharded_checkpoint():
+    lines = run_bench("bench_forgetting.py", "--quick")
+    models = {line["model"]: line for line in lines if "model" in line}
+    [summary] = [line["summary"] for line in lines if "summary" in line]
+    [sharded] = [line["sharded_merge"] for line in lines if "sharded_merge" in line]
+
+    assert {"base", "alpha 0.25", "alpha 0.5", "alpha 0.75", "run", "average", "replay run"} <= set(models)
+    assert summary["domain"] == ["biomed"] and summary["general"] and summary["base_scored_alike_by_both_merges"]
+    assert models["checkpoint-4"]["domain"] == models["run"]["domain"]  # the last checkpoint is the run
+    for line in models.values():
+        assert line["domain"] == line["biomed"] and line["domain_cost"] == pytest.approx(
+            line["domain"] - models["run"]["domain"], abs=2e-4)
+    assert sharded["shards"] >= 2 and sharded["same_weights"] and sharded["igea_shards_kept"]
