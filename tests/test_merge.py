@@ -298,8 +298,12 @@ def other_models(tmp_path_factory, corpus_file, full_run) -> dict[str, Path]:
     record = json.loads((orphan / "igea_run.json").read_text())
     record["config"]["model"]["name_or_path"] = str(root / "deleted-base")
     (orphan / "igea_run.json").write_text(json.dumps(record))
+    adapter_only = root / "adapter-only"  # a LoRA run saved with peft.merge: false holds no full weights
+    shutil.copytree(full_run, adapter_only, ignore=shutil.ignore_patterns("checkpoint-*", "model*.safetensors"))
+    (adapter_only / "adapter_config.json").write_text("{}")
     return {"narrow": igea.build_tiny_model(texts, narrow, root / "narrow"),
-            "llama": build_trait_model("tied", texts, root / "llama"), "plain": plain, "orphan": orphan}
+            "llama": build_trait_model("tied", texts, root / "llama"), "plain": plain, "orphan": orphan,
+            "adapter_only": adapter_only}
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -319,6 +323,8 @@ def other_models(tmp_path_factory, corpus_file, full_run) -> dict[str, Path]:
     (["{orphan}"], "the run's base model '{orphans}/deleted-base' does not exist (no such directory); give the base "
                    "with --base MODEL"),
     (["{tmp}/missing-run"], "run '{tmp}/missing-run' does not exist (no such directory)"),
+    (["{adapter_only}"], "run '{adapter_only}' holds a LoRA adapter alone (peft.merge: false); igea merge needs the "
+                         "merged weights"),
     (["--pick", "average", "--output", "{tmp}/out", "--no-checkpoints"],
      "--pick: 'average' needs two or more checkpoints with full weights"),
 ])

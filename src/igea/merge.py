@@ -549,12 +549,13 @@ def check_output(output: Path) -> None:
         raise ConfigError(f"output: directory '{output.parent}' does not exist; create it first")
 
 
-def write_point(point: Point, run: Weights, run_dir: Path, staging: Path) -> None:
-    """The point's weights with the run's sharding (and index), config and tokenizer, into `staging`."""
+def write_point(point: Point, run: Weights, run_dir: Path, staging: Path, output: Path) -> None:
+    """The point's weights with the run's sharding (and index), config and tokenizer, into `staging` (renamed to
+    `output` once complete)."""
     shards = run.shards()
     sizes = run.file_bytes()
     logger.info("writing %s into %s: %d weights file(s), the largest %.1f MB, tensor by tensor", point.name,
-                staging, len(shards), max(sizes.values()) / 1e6)
+                output, len(shards), max(sizes.values()) / 1e6)
     start = last = time.monotonic()
     for i, (file, names) in enumerate(shards.items(), 1):
         save_file(dict(mixed_tensors(point.mix, run, names)), str(staging / file), metadata={"format": "pt"})
@@ -675,7 +676,8 @@ def merge(
     (default: the first set, and all the others). `pick` is an alpha or "average" (the checkpoint average),
     written with the run's config and tokenizer and a card into `output`, a new or empty directory. The plot
     (`merge.png`) and the results (`merge.json`) go into `output`, else to `plot` (and beside it), else into
-    the run directory. Returns what `merge.json` holds: every point's metrics and timings, and what was written.
+    the run directory (the current directory for a plain model directory, which igea does not write into).
+    Returns what `merge.json` holds: every point's metrics and timings, and what was written.
     """
     job = plan(run, base, alphas, checkpoints, pick, output)
     run_dir, record = job.run_dir, job.record
@@ -711,7 +713,7 @@ def merge(
     if output is not None:
         write_output(job.points, job.picked, job.run, run_dir, Path(output), results, (header, rows), record)
         return results
-    target = Path(plot) if plot is not None else run_dir / PLOT_FILE
+    target = Path(plot) if plot is not None else run_dir / PLOT_FILE if record else Path(PLOT_FILE)
     drawn = draw(job.points, domain_sets, general_sets, target, results["run_name"])
     results["plot"] = str(drawn) if drawn else None
     write_json_atomic(target.parent / RESULTS_FILE, results)
@@ -755,7 +757,7 @@ def write_output(points: list[Point], picked: Point, run: Weights, run_dir: Path
 
     staging = staged(output)
     try:
-        write_point(picked, run, run_dir, staging)
+        write_point(picked, run, run_dir, staging, output)
         drawn = draw(points, results["domain"], results["general"], staging / PLOT_FILE, results["run_name"]) \
             if table is not None else None
         results["plot"] = str(output / PLOT_FILE) if drawn else None
