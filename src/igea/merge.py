@@ -40,6 +40,7 @@ from igea.config import EvalConfig, config_from_dict, looks_local
 from igea.errors import ConfigError, IgeaError, show
 from igea.metrics import combined
 from igea.rundir import RUN_MARKER, complete_checkpoints, read_json, write_json_atomic, write_text_atomic
+from igea.vocab import EXTENDED_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ PLOT_FILE = "merge.png"
 CARD_FILE = "README.md"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-EXTENDED_BASE = "base-model-extended"
 TINY_BASE = "base-model"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
@@ -193,8 +193,8 @@ def find_base(run_dir: Path, record: dict[str, Any], base: str | os.PathLike | N
     built)."""
     if base is not None:
         return model_directory(str(base), None, "base model"), str(base), "given"
-    if (run_dir / EXTENDED_BASE).is_dir():
-        return run_dir / EXTENDED_BASE, str(run_dir / EXTENDED_BASE), "extended"
+    if (run_dir / EXTENDED_DIR).is_dir():
+        return run_dir / EXTENDED_DIR, str(run_dir / EXTENDED_DIR), "extended"
     model = (record.get("config") or {}).get("model") or {}
     if not record:
         raise IgeaError(f"'{run_dir}' is not a finished igea run (it has no {RUN_MARKER}) and so names no base "
@@ -270,7 +270,7 @@ def resolve_base(run_dir: Path, run: Weights, record: dict[str, Any], base: str 
     new_rows = check_base(run, weights, model_config(run_dir, "run"), model_config(directory, "base model"), name)
     notes = []
     if origin == "extended":
-        notes.append(f"The run's vocabulary was extended: it is merged with `{EXTENDED_BASE}`, the base model with "
+        notes.append(f"The run's vocabulary was extended: it is merged with `{EXTENDED_DIR}`, the base model with "
                      "the new tokens before training, so the new tokens' rows are interpolated too.")
     if new_rows:
         notes.append(f"The run has {new_rows:,} vocabulary rows more than the base (new tokens): those rows are the "
