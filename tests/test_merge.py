@@ -280,6 +280,18 @@ def test_without_matplotlib_the_plot_is_skipped_in_one_line(full_run, biomed_fil
     assert "matplotlib is not installed: no trade-off plot (pip install 'igea[plots]')" in caplog.text
 
 
+def test_a_plain_model_directory_is_merged_given_its_base_and_sets(other_models, tiny_model_dir, biomed_file,
+                                                                   general_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plain = other_models["plain"]
+    before = sorted(os.listdir(plain))
+    results = igea.merge(plain, base=tiny_model_dir, alphas=[0.5], checkpoints=False,
+                         corpus={"biomed": str(biomed_file), "general": str(general_file)})
+    assert [p["name"] for p in results["points"]] == ["base", "alpha 0.5", "run"]
+    assert sorted(os.listdir(plain)) == before  # not igea's directory: the plot and results go here instead
+    assert results["plot"] == PLOT_FILE and (tmp_path / PLOT_FILE).is_file() and (tmp_path / RESULTS_FILE).is_file()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad inputs: one line, exit 2, nothing written
 
