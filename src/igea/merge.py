@@ -7,8 +7,9 @@ The merge is WiSE-FT's linear interpolation of weights, one convention throughou
 
 At alpha 0 and 1 the tensors are copied, not computed, so those points are the base and the run bit for bit. A
 checkpoint average is the plain mean of the run's kept checkpoints. Every combination is made tensor by tensor
-from the safetensors files (memory-mapped, one shard open at a time): evaluating a point fills one model object
-in place, and writing one keeps at most one output shard in memory, never two models.
+from the safetensors files (each file opened for one tensor at a time): evaluating a point fills one model
+object in place, and writing one keeps one output shard in memory and the tensor being computed, never two
+models.
 
 A LoRA run with merged weights (`peft.merge: true`) is merged like any run: for each adapted layer,
 interpolating the merged weights is adding alpha times the adapter's update to the base (the adapter scaled by
@@ -19,7 +20,6 @@ with fewer rows, the rows of the new tokens are the run's at every alpha.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
 import math
@@ -118,39 +118,38 @@ Mix = list[tuple[Weights, float]]
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+def read_tensor(weights: Weights, name: str, rows: slice | None = None) -> torch.Tensor:
+    """One tensor (or some of its rows) copied out of its file, which is opened for it alone: its mapped pages
+    are released at once, so memory holds what is computed, not the files read."""
+    with safe_open(str(weights.directory / weights.files[name]), "pt") as f:
+        return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+
+
 def mixed_tensors(mix: Mix, reference: Weights, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors `names` of the weighted sum of `mix`, in the reference's (the run's) dtype, one at a time.
 
     A source that holds all of a tensor by itself (share 1) is copied, bit for bit. A source with fewer rows than
-    the reference (a base without the run's new tokens) takes the reference's rows beyond its own. Each file is
-    opened once for the call and closed after it: call it per shard to keep memory within a shard.
+    the reference (a base without the run's new tokens) takes the reference's rows beyond its own. At most two
+    copies of the tensor being computed are in memory (float32 for a weighted sum).
     """
-    with contextlib.ExitStack() as stack:
-        handles: dict[Path, Any] = {}
 
-        def read(weights: Weights, name: str, rows: slice | None = None) -> torch.Tensor:
-            path = weights.directory / weights.files[name]
-            if path not in handles:
-                handles[path] = stack.enter_context(safe_open(str(path), "pt"))
-            return handles[path].get_tensor(name) if rows is None else handles[path].get_slice(name)[rows]
+    def full(weights: Weights, name: str) -> torch.Tensor:
+        tensor = read_tensor(weights, name)
+        rows = reference.shapes[name][0] if reference.shapes[name] else 0
+        if weights is not reference and tensor.dim() and tensor.shape[0] < rows:
+            tensor = torch.cat([tensor, read_tensor(reference, name, slice(tensor.shape[0], rows)).to(tensor.dtype)])
+        return tensor
 
-        def full(weights: Weights, name: str) -> torch.Tensor:
-            tensor = read(weights, name)
-            rows = reference.shapes[name][0] if reference.shapes[name] else 0
-            if weights is not reference and tensor.dim() and tensor.shape[0] < rows:
-                tensor = torch.cat([tensor, read(reference, name, slice(tensor.shape[0], rows)).to(tensor.dtype)])
-            return tensor
-
-        for name in names:
-            dtype = TORCH_DTYPES.get(reference.dtypes[name])
-            if len(mix) == 1 or dtype is None:  # one source, or integers: nothing to interpolate
-                source = mix[0][0] if len(mix) == 1 else reference
-                tensor = full(source, name)
-            else:
-                tensor = torch.zeros(reference.shapes[name], dtype=torch.float32)
-                for weights, share in mix:
-                    tensor.add_(full(weights, name).to(torch.float32), alpha=share)
-            yield name, tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+    for name in names:
+        dtype = TORCH_DTYPES.get(reference.dtypes[name])
+        if len(mix) == 1 or dtype is None:  # one source, or integers: nothing to interpolate
+            tensor = full(mix[0][0] if len(mix) == 1 else reference, name)
+        else:
+            (first, share), *rest = mix
+            tensor = full(first, name).to(torch.float32).mul_(share)  # a fresh copy: computed in place
+            for weights, share in rest:
+                tensor.add_(full(weights, name).to(torch.float32), alpha=share)
+        yield name, tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def interpolation(base: Weights, run: Weights, alpha: float) -> Mix:
