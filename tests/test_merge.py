@@ -337,6 +337,7 @@ def other_models(tmp_path_factory, corpus_file, full_run) -> dict[str, Path]:
     (["{tmp}/missing-run"], "run '{tmp}/missing-run' does not exist (no such directory)"),
     (["{adapter_only}"], "run '{adapter_only}' holds a LoRA adapter alone (peft.merge: false); igea merge needs the "
                          "merged weights"),
+    (["--tasks"], "--tasks: run '{run}' names no benchmark in eval.tasks; name them with --tasks a,b"),
     (["--pick", "average", "--output", "{tmp}/out", "--no-checkpoints"],
      "--pick: 'average' needs two or more checkpoints with full weights"),
 ])

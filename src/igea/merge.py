@@ -688,7 +688,7 @@ def merge(
     eval_config = eval_config or EvalConfig(**settings)
     task_names = list((config.get("eval") or {}).get("tasks") or []) if tasks is True else list(tasks or [])
     if tasks is True and not task_names:
-        raise IgeaError(f"tasks: run '{run_dir}' names no benchmark in eval.tasks; name them with --tasks a,b")
+        raise ConfigError(f"tasks: run '{run_dir}' names no benchmark in eval.tasks; name them with --tasks a,b")
     from igea.tasks import check_task_names, context_length, load_task
 
     check_task_names(task_names, key="tasks")
