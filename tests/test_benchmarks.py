@@ -154,3 +154,18 @@ def test_watch_benchmark_compares_the_eta_with_the_time_training_took():
         assert at["eta_s"] > 0 and 0 < at["real_s"] < result["train_seconds"]
         assert at["error"] == pytest.approx(abs(at["eta_s"] - at["real_s"]) / at["real_s"], abs=1e-3)
     assert result["watching_calls"] >= result["steps"] and 0 < result["watching_share"] < 1
+
+
+def test_forgetting_benchmark_scores_every_model_on_the_same_sets_and_merges_a_sharded_checkpoint():
+    lines = run_bench("bench_forgetting.py", "--quick")
+    models = {line["model"]: line for line in lines if "model" in line}
+    [summary] = [line["summary"] for line in lines if "summary" in line]
+    [sharded] = [line["sharded_merge"] for line in lines if "sharded_merge" in line]
+
+    assert {"base", "alpha 0.25", "alpha 0.5", "alpha 0.75", "run", "average", "replay run"} <= set(models)
+    assert summary["domain"] == ["biomed"] and summary["general"] and summary["base_scored_alike_by_both_merges"]
+    assert models["checkpoint-4"]["domain"] == models["run"]["domain"]  # the last checkpoint is the run
+    for line in models.values():
+        assert line["domain"] == line["biomed"] and line["domain_cost"] == pytest.approx(
+            line["domain"] - models["run"]["domain"], abs=2e-4)
+    assert sharded["shards"] >= 2 and sharded["same_weights"] and sharded["igea_shards_kept"]

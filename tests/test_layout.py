@@ -23,7 +23,7 @@ LAYERS = [
     {"train"},
     {"evaluate", "generate"},
     {"report"},
-    {"run"},
+    {"run", "merge"},
     {"cli", "__main__", "__init__"},
 ]
 """Each module may import modules of its own layer or of the layers before it, never one after it."""

@@ -29,6 +29,7 @@ _EXPORTS = {
     "generate": "igea.generate",
     "load_config": "igea.config",
     "load_model": "igea.basemodel",
+    "merge": "igea.merge",
     "preset": "igea.config",
     "run": "igea.run",
     "train": "igea.train",
@@ -37,7 +38,7 @@ _EXPORTS = {
 __all__ = [
     "Completion", "ConfigError", "Generator", "IgeaConfig", "IgeaError", "PreparedData", "RunResult", "__version__",
     "bits_per_byte", "build_tiny_model", "evaluate", "extend_vocabulary", "fertility", "generate", "load_config",
-    "load_model", "prepare_dataset", "preset", "run", "train",
+    "load_model", "merge", "prepare_dataset", "preset", "run", "train",
 ]
 
 if TYPE_CHECKING:  # what editors and type checkers see
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from igea.errors import ConfigError, IgeaError
     from igea.evaluate import evaluate
     from igea.generate import Completion, Generator, generate
+    from igea.merge import merge
     from igea.modeling import build_tiny_model
     from igea.run import run
     from igea.train import RunResult, train

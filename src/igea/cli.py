@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"igea {igea.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for add in (add_init, add_train, add_prepare, add_status, add_generate, add_card, add_eval, add_vocab):
+    for add in (add_init, add_train, add_prepare, add_status, add_generate, add_card, add_eval, add_merge,
+                add_vocab):
         add(commands)
     return parser
 
@@ -407,6 +408,65 @@ def held_out_argument(groups: list[list[str]]) -> str | list[str] | dict[str, li
     if named:
         return named
     return unnamed[0] if len(unnamed) == 1 else unnamed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# igea merge
+
+
+def add_merge(commands) -> None:
+    parser = _command(commands, "merge", cmd_merge,
+                      "merge a run back towards its base and average its checkpoints; score, plot, write one")
+    parser.add_argument("run", help="run directory (or a model directory, with --base and --corpus)")
+    parser.add_argument("--base", metavar="MODEL", help="the base to merge with (default: the run's own)")
+    parser.add_argument("--alphas", default="0.25,0.5,0.75",
+                        help="comma-separated weights of the run: (1 - alpha) base + alpha run (default: %(default)s;"
+                             " the base, alpha 0, and the run, alpha 1, are always scored)")
+    parser.add_argument("--no-checkpoints", action="store_true",
+                        help="leave out the run's checkpoints and their average")
+    parser.add_argument("--corpus", nargs="+", action="append", metavar="[NAME=]FILE",
+                        help="held-out sets as for igea eval (default: the run's own held-out sets)")
+    parser.add_argument("--tasks", nargs="?", const=True, metavar="a,b",
+                        help="also score benchmarks: these, or with no value the run's eval.tasks")
+    parser.add_argument("--limit", type=int, help="score only the first N questions of each task")
+    parser.add_argument("--num-fewshot", type=int, help="examples before each question (default: the task's)")
+    parser.add_argument("--batch-size", type=int, help="blocks and questions scored together (default 8)")
+    parser.add_argument("--block-size", type=int, help="held-out block length with --corpus (default: the run's)")
+    parser.add_argument("--domain", metavar="SET", help="the plot's domain set, x axis (default: the first set)")
+    parser.add_argument("--general", metavar="SET", help="the plot's general set, y axis (default: the others)")
+    parser.add_argument("--plot", metavar="PNG", help="where the plot goes, merge.json beside it (default: "
+                                                      "RUN/merge.png, or in --output)")
+    parser.add_argument("--pick", metavar="ALPHA", help="the point to write: an alpha, or 'average'")
+    parser.add_argument("--output", metavar="DIR", help="new or empty directory for the picked point's model")
+    parser.add_argument("--device")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """`igea merge RUN [--alphas ...] [--pick ALPHA --output DIR]`: print the table, say what was written."""
+    from igea.config import EvalConfig
+    from igea.errors import ConfigError
+    from igea.merge import merge
+
+    try:
+        alphas = [a.strip() for a in args.alphas.split(",") if a.strip()]
+        settings = {"num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size}
+        eval_config = EvalConfig(**{k: v for k, v in settings.items() if v is not None}) \
+            if any(v is not None for v in settings.values()) else None
+        tasks = args.tasks if args.tasks in (True, None) else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        results = merge(args.run, base=args.base, alphas=alphas, checkpoints=not args.no_checkpoints,
+                        corpus=held_out_argument(args.corpus) if args.corpus else None, tasks=tasks,
+                        domain=args.domain, general=args.general, pick=args.pick, output=args.output, plot=args.plot,
+                        eval_config=eval_config, block_size=args.block_size, device=args.device,
+                        command=shlex.join(["igea", "merge", *sys.argv[2:]]) if args.output else None)
+    except ConfigError as err:  # name the flag the user typed, not the argument
+        key, _, rest = str(err).partition(":")
+        raise ConfigError(f"--{key.removeprefix('eval.').replace('_', '-')}:{rest}") from None
+    print(results["table"])
+    if results["plot"]:
+        print(f"\ntrade-off plot: {results['plot']}")
+    if results["output"]:
+        print(f"merged model ({results['picked']}) written to {results['output']}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ TINY_MARKER = "igea_tiny.json"
 IGEA_ENTRIES = (
     RUN_MARKER, START_MARKER, BEFORE_METRICS, LOCK_FILE, STATUS_FILE, "metrics.json", "log_history.json",
     "benchmarks.json", "README.md", "curves.png", f"{CHECKPOINT_PREFIX}*", "base-model*", ".final.tmp", "*.tmp", "runs",
+    "merge.json", "merge.png",  # igea merge's results and plot, when it writes them into the run
     # what `save_pretrained` writes for a causal LM, its tokenizer and a peft adapter
     "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "training_args.bin", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
