@@ -39,6 +39,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from igea.config import EvalConfig, config_from_dict, looks_local
 from igea.errors import ConfigError, IgeaError, show
 from igea.metrics import combined
+from igea.progress import Progress, bars_off_in_logs, duration
 from igea.rundir import RUN_MARKER, complete_checkpoints, read_json, write_json_atomic, write_text_atomic
 from igea.vocab import EXTENDED_DIR
 
@@ -54,7 +55,6 @@ TINY_BASE = "base-model"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 """What a merged model directory takes from the run beside its weights: config, generation config, tokenizer."""
-PROGRESS_EVERY_S = 30.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -398,7 +398,8 @@ def evaluate_point(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, b
 
     result: dict[str, Any] = {}
     if blocks:
-        per_set = {name: held_out_metrics(model, b, eval_config.batch_size) for name, b in blocks.items()}
+        per_set = {name: held_out_metrics(model, b, eval_config.batch_size, what=f"held-out set '{name}'")
+                   for name, b in blocks.items()}
         result["held_out_sets"] = per_set
         result["held_out"] = combined(list(per_set.values()))
     if tasks:
@@ -555,18 +556,17 @@ def write_point(point: Point, run: Weights, run_dir: Path, staging: Path, output
     sizes = run.file_bytes()
     logger.info("writing %s into %s: %d weights file(s), the largest %.1f MB, tensor by tensor", point.name,
                 output, len(shards), max(sizes.values()) / 1e6)
-    start = last = time.monotonic()
-    for i, (file, names) in enumerate(shards.items(), 1):
-        save_file(dict(mixed_tensors(point.mix, run, names)), str(staging / file), metadata={"format": "pt"})
-        if time.monotonic() - last > PROGRESS_EVERY_S:
-            last = time.monotonic()
-            logger.info("written %d/%d weights files, %.0f s", i, len(shards), last - start)
+    start = time.monotonic()
+    with Progress(f"writing {point.name}", len(shards), "weights files", logger=logger, say_done=False) as progress:
+        for file, names in shards.items():
+            save_file(dict(mixed_tensors(point.mix, run, names)), str(staging / file), metadata={"format": "pt"})
+            progress.update()
     if run.sharded:
         shutil.copyfile(run_dir / WEIGHTS_INDEX, staging / WEIGHTS_INDEX)
     for entry in sorted(os.listdir(run_dir)):
         if any(fnmatch.fnmatchcase(entry, pattern) for pattern in COPIED_FILES) and (run_dir / entry).is_file():
             shutil.copyfile(run_dir / entry, staging / entry)
-    logger.info("%s written in %.1f s", point.name, time.monotonic() - start)
+    logger.info("%s written in %s", point.name, duration(time.monotonic() - start))
 
 
 def staged(output: Path) -> Path:
@@ -648,6 +648,7 @@ def write_merged(run: str | os.PathLike, output: str | os.PathLike, pick: float 
     return Path(output)
 
 
+@bars_off_in_logs
 def merge(
     run: str | os.PathLike,
     *,
@@ -732,8 +733,8 @@ def score_points(points: list[Point], model: PreTrainedModel, tokenizer: PreTrai
         point.result = evaluate_point(model, tokenizer, blocks, tasks, eval_config)
         point.result.update(merge_s=loaded_s, eval_s=time.monotonic() - start - loaded_s)
         losses = "  ".join(f"{s} {m['loss']:.4f}" for s, m in point.result.get("held_out_sets", {}).items())
-        logger.info("point %d/%d: %s: weights in %.1f s, scored in %.1f s: %s", i, len(points), point.name,
-                    loaded_s, point.result["eval_s"], losses)
+        logger.info("point %d/%d: %s: weights in %s, scored in %s: %s", i, len(points), point.name,
+                    duration(loaded_s), duration(point.result["eval_s"]), losses)
 
 
 def draw(points: list[Point], domain: list[str], general: list[str], path: Path, run_name: str) -> Path | None:
