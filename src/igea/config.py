@@ -223,7 +223,7 @@ class DataConfig(Section):
     KEY: ClassVar[str] = "data"
 
     path: str | list[str] | None = None
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] | None = field(default_factory=list)  # null (entries commented out): see check
     name: str | None = None
     split: str = "train"
     revision: str | None = None
@@ -250,6 +250,10 @@ class DataConfig(Section):
         _choice(self, "document_boundary", ("eos", "special_tokens"))
         _choice(self, "packing", ("blocks", "documents"))
         _choice(self, "mix", tuple(MIX_MODES))
+        if self.sources is None:  # `sources:` with every entry commented out
+            if self.path is None:
+                raise ConfigError("data.sources is empty: list at least one source (path, weight), or set data.path")
+            self.sources = []
         if self.path is not None and self.sources:
             raise ConfigError("data: set either 'data.path' or 'data.sources', not both")
         for key, paths in [("data.path", self.path), *validation_paths(self).items()] + [
@@ -642,6 +646,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if sections and isinstance(value, dict):  # `TinyModelConfig | None`: the section's own errors name the key
             return build_section(sections[0], value, f"{key}.")
+        lists = [a for a in args if typing.get_origin(a) is list and dataclasses.is_dataclass(typing.get_args(a)[0])]
+        if lists:  # `list[SourceConfig] | None`: each entry's own errors name its key
+            return _coerce(value, lists[0], key)
         enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
         if enums:  # `SchedulerType | str`: the string must still be one of the enum's values
             return _coerce(value, enums[0], key)
