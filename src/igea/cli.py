@@ -23,7 +23,7 @@ EXIT_USAGE = 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(resume_flag_last(sys.argv[1:] if argv is None else argv))
     if extra:  # overrides may come after the flags: `igea train c.yaml --resume training.max_steps=10`
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -147,11 +147,41 @@ def cmd_init(args: argparse.Namespace) -> int:
 def add_train(commands) -> None:
     parser = _command(commands, "train", cmd_train, "continue pretraining as the config says, then sample text")
     _config_arguments(parser)
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, type=resume_value, metavar="auto",
+                        help="continue the run in output_dir from its last complete checkpoint (a directory with no "
+                             "run is an error); --resume=auto: continue it if there is one, else start it")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="with --resume: continue even though training settings changed (both are recorded)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the igea run in output_dir (only files igea wrote are removed)")
+
+
+def resume_value(text: str) -> str:
+    """The value `--resume=VALUE` may take: `auto`."""
+    from igea.rundir import RESUME_AUTO
+
+    if text != RESUME_AUTO:
+        raise argparse.ArgumentTypeError(f"expected --resume or --resume={RESUME_AUTO}, got --resume={text}")
+    return text
+
+
+def resume_flag_last(argv: list[str]) -> list[str]:
+    """`igea train` arguments with a bare `--resume` moved to the end, so that it cannot take the config or an
+    override that follows it for its optional value (`--resume training.max_steps=10`); `--resume auto` becomes
+    `--resume=auto`."""
+    if "train" not in argv or "--resume" not in argv:
+        return list(argv)
+    out, bare, i = [], False, 0
+    while i < len(argv):
+        if argv[i] != "--resume":
+            out.append(argv[i])
+        elif argv[i + 1:i + 2] == ["auto"]:
+            out.append("--resume=auto")
+            i += 1
+        else:
+            bare = True
+        i += 1
+    return out + (["--resume"] if bare else [])
 
 
 def cmd_train(args: argparse.Namespace) -> int:

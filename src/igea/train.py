@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import PartialState
@@ -43,7 +43,7 @@ from igea.lora import apply_lora, check_peft, save_adapter
 from igea.modeling import load_causal_lm
 from igea.preemption import CheckpointOnStop, Preempted, stop_on_signals
 from igea.preflight import check_before_training, check_block_size
-from igea.rundir import BEFORE_METRICS, RUN_MARKER, check_output_dir, read_json, write_json_atomic
+from igea.rundir import BEFORE_METRICS, RUN_MARKER, check_output_dir, check_resume, read_json, write_json_atomic
 from igea.runstart import RunLock, RunStart, plan_run, start_record
 from igea.streaming import BlockStream
 from igea.tracking import check_report_to
@@ -62,19 +62,23 @@ class RunResult:
     layout: dict[str, Any] = field(default_factory=dict)
 
 
-def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False,
+def train(cfg: IgeaConfig, resume: bool | Literal["auto"] = False, overwrite: bool = False,
           allow_config_change: bool = False) -> RunResult:
     """Continue pretraining the base model on the corpus; save weights, tokenizer and metrics in `output_dir`.
 
-    `resume` continues from the newest verified checkpoint and refuses a config that differs from the one the
-    run was started with, unless `allow_config_change`; `overwrite` replaces a finished run (igea's files only).
+    `resume=True` continues the run in `output_dir` from its newest verified checkpoint (from the beginning when
+    it saved none yet); a directory that holds no run is an error (a typo in the path must not start a new run).
+    `resume="auto"` continues the run when there is one and starts it when there is none: for a scheduler that
+    requeues the same command. A resumed run refuses a config that differs from the one the run was started
+    with, unless `allow_config_change`; `overwrite` replaces a finished run (igea's files only).
     """
     with open_run(cfg, resume, overwrite, allow_config_change) as start:
         return train_started(cfg, start, finish=True)
 
 
 @contextmanager
-def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change: bool) -> Iterator[RunStart]:
+def open_run(cfg: IgeaConfig, resume: bool | str, overwrite: bool,
+             allow_config_change: bool) -> Iterator[RunStart]:
     """Check the output directory and lock it for this run (main process), then hand every process the same
     `RunStart`. Nothing is written before the checks pass; the lock is released when the block ends, however it
     ends, and a run that fails before it began training leaves a new directory as it found it.
@@ -84,7 +88,9 @@ def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change
 
 
 @contextmanager
-def _open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change: bool) -> Iterator[RunStart]:
+def _open_run(cfg: IgeaConfig, resume: bool | str, overwrite: bool,
+              allow_config_change: bool) -> Iterator[RunStart]:
+    check_resume(resume)
     check_launch()
     if cfg.model.tiny is None:
         check_block_size(cfg)  # reads only the model's config: an unreachable hub id fails in seconds
