@@ -224,7 +224,7 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
         metrics["before"] = evaluate_before(trainer, cfg)
     checkpoint = start.checkpoint
     if checkpoint is not None:
-        trainer.restore_tokens_seen(checkpoint)
+        trainer.restore_totals(checkpoint)
         if isinstance(data.train, BlockStream) and data.train.restore(checkpoint):
             trainer.args.ignore_data_skip = True  # the stream continues from its saved position: nothing to replay
     if checkpoint is not None and training_finished_in(trainer, checkpoint):
@@ -241,6 +241,7 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
                 f"checkpoint-{trainer.state.global_step} is saved: continue with --resume "
                 "(Python: resume=True)", stop.signum)
         metrics["train"] = train_output.metrics
+    metrics["data"]["blocks_trained"] = trainer.blocks_trained()
     if trainer.sources:
         metrics["data"]["tokens_seen"] = trainer.tokens_seen_per_source()
         used = metrics["data"]["mixture"] = mixture_used(data.stats["train"], metrics["data"]["tokens_seen"],
@@ -275,8 +276,11 @@ def restore_finished_training(trainer: Trainer, checkpoint: Path) -> dict[str, A
     best = trainer.state.best_model_checkpoint
     if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
         trainer._load_from_checkpoint(best)  # what the Trainer does at the end of training
-    return {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
-            "total_flos": trainer.state.total_flos}
+    summary = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+               "total_flos": trainer.state.total_flos}
+    if trainer.resumed_loss is not None and trainer.state.global_step:
+        summary["train_loss"] = (trainer.loss_before + trainer.resumed_loss[0]) / trainer.state.global_step
+    return summary
 
 
 def evaluate_before(trainer: Trainer, cfg: IgeaConfig) -> dict[str, float]:
