@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from igea.arguments import evaluation_share, training_arguments
 from igea.config import config_from_dict
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import count_correct
-from igea.rundir import RUN_MARKER
+from igea.rundir import RUN_MARKER, share_like_other_files
 from igea.train import train
 
 from conftest import config_dict, make_config, train_until_first_checkpoint
@@ -48,6 +49,29 @@ def test_run_dir_holds_safetensors_tokenizer_and_marker(finished_run):
     weights = load_file(out / "model.safetensors")
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.state_dict()["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
+
+
+def test_the_weights_are_as_readable_as_every_other_file_of_the_run(finished_run, tmp_path):
+    """safetensors writes its files mode 0600 whatever the umask (a temporary file renamed into place): on a shared
+    cluster the colleagues who may read a run could not read its weights. Every weight file igea writes gets the
+    mode of the files beside it (0644 under umask 022)."""
+    cfg, _ = finished_run
+    out = cfg.output_dir
+    checkpoint = next(out.glob("checkpoint-*"))
+    for folder in (out, checkpoint):
+        assert mode(folder / "model.safetensors") == mode(folder / "config.json"), folder
+    old = os.umask(0o022)
+    try:
+        save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+        (tmp_path / "config.json").write_text("{}")
+        share_like_other_files(tmp_path)
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "model.safetensors") == mode(tmp_path / "config.json") == 0o644
+
+
+def mode(path) -> int:
+    return path.stat().st_mode & 0o777
 
 
 def test_trainer_accuracy_equals_a_forward_pass_by_hand(finished_run):

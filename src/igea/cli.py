@@ -365,6 +365,9 @@ def add_eval(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, help="held-out block length (default: the run's)")
     parser.add_argument("--output", metavar="JSON", help="write results and per-question predictions here")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="prepare the held-out blocks in DIR/igea-blocks (default: the datasets cache, "
+                             "HF_DATASETS_CACHE)")
     parser.add_argument("--device")
     parser.add_argument("--dtype")
 
@@ -387,7 +390,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--{key.removeprefix('eval.').replace('_', '-')}:{rest}") from None
     corpus = held_out_argument(args.corpus) if args.corpus else None
     results = evaluate(args.path, corpus=corpus, compare=args.compare, eval_config=eval_config,
-                       block_size=args.block_size, device=args.device, dtype=args.dtype)
+                       block_size=args.block_size, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     print(format_results(results))
     if args.output:
         write_json_atomic(Path(args.output), results)

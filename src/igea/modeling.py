@@ -25,7 +25,7 @@ from igea.config import IgeaConfig, ModelConfig, TinyModelConfig, has_tokenizer_
 from igea.data import read_documents
 from igea.errors import ConfigError, IgeaError
 from igea.hub import hub_reachable
-from igea.rundir import TINY_MARKER
+from igea.rundir import TINY_MARKER, share_like_other_files
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ def build_tiny_model(texts: Iterable[str], shape: TinyModelConfig, out_dir: str 
     tokenizer.save_pretrained(tmp)
     if recipe is not None:
         (tmp / TINY_MARKER).write_text(json.dumps(recipe), encoding="utf-8")
+    share_like_other_files(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # built for another shape or corpus
     tmp.replace(out_dir)

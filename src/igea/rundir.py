@@ -58,6 +58,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def share_like_other_files(folder: Path) -> None:
+    """Give the safetensors files under `folder` the mode every other file there gets (0644 under umask 022).
+
+    safetensors writes a weight file as a temporary file renamed into place, which keeps the temporary file's
+    mode 0600 whatever the umask: on a shared cluster, the colleagues who may read a run could not read its
+    weights. Files of another mode are left as they are.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    for path in folder.rglob("*.safetensors"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600 != mode:
+            path.chmod(mode)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """`payload` as indented UTF-8 JSON, written atomically (values JSON cannot hold become strings)."""
     write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")

@@ -43,7 +43,15 @@ from igea.lora import apply_lora, check_peft, save_adapter
 from igea.modeling import load_causal_lm
 from igea.preemption import CheckpointOnStop, Preempted, stop_on_signals
 from igea.preflight import check_before_training, check_block_size
-from igea.rundir import BEFORE_METRICS, RUN_MARKER, check_output_dir, check_resume, read_json, write_json_atomic
+from igea.rundir import (
+    BEFORE_METRICS,
+    RUN_MARKER,
+    check_output_dir,
+    check_resume,
+    read_json,
+    share_like_other_files,
+    write_json_atomic,
+)
 from igea.runstart import RunLock, RunStart, plan_run, start_record
 from igea.streaming import BlockStream
 from igea.tracking import check_report_to
@@ -355,6 +363,7 @@ def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any], start: 
     result = RunResult(out, metrics, trainer.state.log_history, batch_layout(trainer.args))
     if not trainer.is_world_process_zero():
         return result
+    share_like_other_files(staging)
     for item in staging.iterdir():
         target = out / item.name
         if item.is_dir() and target.is_dir():

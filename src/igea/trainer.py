@@ -22,7 +22,7 @@ from igea.config import HELD_OUT_METRICS, TASK_METRICS, EvalConfig, IgeaConfig, 
 from igea.data import BlockCollator, PreparedData
 from igea.errors import IgeaError
 from igea.metrics import NextTokenMetrics, argmax_and_nll, combined, perplexity
-from igea.rundir import CHECKPOINT_MARKER, mark_checkpoint_complete, rotate_checkpoints
+from igea.rundir import CHECKPOINT_MARKER, mark_checkpoint_complete, rotate_checkpoints, share_like_other_files
 from igea.streaming import BlockStream
 from igea.tasks import MultipleChoiceTask, run_tasks
 from igea.tracking import attach_tracking
@@ -208,6 +208,7 @@ class IgeaTrainer(Trainer):
         if self.is_world_process_zero():
             if isinstance(self.train_dataset, BlockStream):  # where the stream is, so that --resume need not replay it
                 self.train_dataset.save(folder, self.state.global_step * self.get_total_train_batch_size(self.args))
+            share_like_other_files(folder)
             mark_checkpoint_complete(folder, {"global_step": self.state.global_step, **totals})
             best = self.state.best_model_checkpoint
             rotate_checkpoints(run_dir, self.save_total_limit, protect=(Path(best),) if best else ())
