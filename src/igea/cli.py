@@ -229,8 +229,13 @@ def add_prepare(commands) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from igea.arguments import training_arguments
+    from igea.train import report_mixture
+
     cfg = igea.load_config(args.config, args.overrides)
+    training = training_arguments(cfg)  # the run's length: what a mixture gives it, as `igea train` says it
     data = igea.prepare_dataset(cfg)
+    report_mixture(cfg, data, training)
     print(json.dumps(data.stats, indent=2))
     return 0
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
-from transformers import Trainer, TrainerState
+from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
 from igea.arguments import (
@@ -37,7 +37,7 @@ from igea.arguments import (
 )
 from igea.basemodel import base_model_path, load_tokenizer
 from igea.config import IgeaConfig
-from igea.data import mixture_used, prepare_dataset, report_mixture_plan
+from igea.data import PreparedData, mixture_used, prepare_dataset, report_mixture_plan, report_mixture_weights
 from igea.errors import IgeaError
 from igea.lora import apply_lora, check_peft, save_adapter
 from igea.modeling import load_causal_lm
@@ -221,8 +221,8 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     metrics: dict[str, Any] = {"data": data.stats}
     trainer = build_trainer(cfg, args, model, tokenizer, data, benchmarks if cfg.eval.during_training else ())
     settle_cadence(trainer, cfg)
-    if trainer.is_world_process_zero() and not cfg.data.streaming:
-        report_mixture_plan(data.stats["train"], planned_blocks(args, len(data.train)))
+    if trainer.is_world_process_zero():
+        report_mixture(cfg, data, trainer.args, warn=start.checkpoint is None)  # warned once, as the run starts
     if trainer.is_world_process_zero():
         built_for_this_run = (["base-model"] if cfg.model.tiny is not None else []) + (
             ["base-model-extended"] if cfg.model.extend_vocabulary is not None else [])
@@ -265,6 +265,18 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     if finish and trainer.is_world_process_zero():
         mark_finished(cfg, result)
     return result
+
+
+def report_mixture(cfg: IgeaConfig, data: PreparedData, args: TrainingArguments, warn: bool = True) -> None:
+    """What a mixture of `data.sources` gives the run (`igea train` and `igea prepare` print the same lines): the
+    weights as the shares they are, and, for blocks prepared on disk, each source's blocks, those the run trains on
+    and the passes that makes, with a warning (`warn`) for a source mostly left out or repeated more than 4 times."""
+    if len(cfg.data.sources) < 2:
+        return
+    report_mixture_weights(cfg.data.sources)
+    if not cfg.data.streaming:
+        report_mixture_plan(data.stats["train"], planned_blocks(args, len(data.train)),
+                            args.max_steps if args.max_steps > 0 else None, warn)
 
 
 def training_finished_in(trainer: Trainer, checkpoint: Path) -> bool:
