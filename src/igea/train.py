@@ -223,7 +223,6 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     settle_cadence(trainer, cfg)
     if trainer.is_world_process_zero():
         report_mixture(cfg, data, trainer.args, warn=start.checkpoint is None)  # warned once, as the run starts
-    if trainer.is_world_process_zero():
         built_for_this_run = (["base-model"] if cfg.model.tiny is not None else []) + (
             ["base-model-extended"] if cfg.model.extend_vocabulary is not None else [])
         start.begin(framework_versions(), keep=tuple(built_for_this_run))

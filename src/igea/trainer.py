@@ -101,7 +101,7 @@ class IgeaTrainer(Trainer):
         # transformers 5 averages `train_loss` over the steps of this `train()` call only: after a resume, over the
         # steps since the checkpoint. The run's own is the mean over all its steps, as an uninterrupted run reports.
         steps = self.state.global_step - self._initial_global_step
-        if self._initial_global_step and steps > 0 and self.loss_before is not None and self.resumed_loss is None:
+        if self._initial_global_step and steps > 0 and self.loss_before is not None:
             total = self.loss_before + self._total_loss_scalar + self._tr_loss.item()
             self._tr_loss.zero_()
             self._total_loss_scalar = total / self.state.global_step * steps  # what the Trainer divides by `steps`
