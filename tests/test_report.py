@@ -333,6 +333,9 @@ def test_a_card_to_publish_lists_hub_datasets_only_and_says_what_was_trained_on(
     assert "local files (`abstracts.txt`)" in card
     assert "- train: 90 documents, 68,300 tokens, 1,066 blocks available; trained on 128 blocks (0.12 epochs)" in card
     assert [row[2] for row in table_rows(between(card, "### Training results", "###"))] == ["10", "16"]
+    with pytest.raises(igea.ConfigError, match="^card.datasets: 'igea:general' is not a hub dataset id"):
+        make_config(tmp_path, tiny_model_dir, corpus_file, card={"datasets": ["IVN-RIN/BioBERT_Italian",
+                                                                              "igea:general"]})
 
 
 def test_a_degenerate_sample_is_not_the_usage_example_and_a_chat_template_is_explained(

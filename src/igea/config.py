@@ -389,6 +389,11 @@ class CardConfig(Section):
             if value is not None and (not HUB_ID.fullmatch(value) or ".." in value or not owner):
                 raise ConfigError(f"card.{name}: {show(value)} is not a hub repo id; give owner/name as on "
                                   "huggingface.co, e.g. sapienzanlp/Minerva-1B-base-v1.0")
+        for value in self.datasets:
+            if not HUB_ID.fullmatch(value) or ".." in value:
+                raise ConfigError(f"card.datasets: {show(value)} is not a hub dataset id; the card's front matter "
+                                  "lists datasets on huggingface.co (owner/name); local and shipped corpora are named "
+                                  "in the card's text")
         if self.license is not None and not HUB_LICENSE.fullmatch(self.license):
             raise ConfigError(f"card.license: {show(self.license)} is not a hub license identifier; use one such as "
                               "apache-2.0, mit, cc-by-4.0 or other (huggingface.co/docs/hub/repositories-licenses)")

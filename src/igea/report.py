@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from transformers.modelcard import make_markdown_table, parse_log_history
 
-from igea.config import GENERAL_TEXT, SAMPLE_CORPUS, SHIPPED_CORPORA, looks_local
+from igea.config import GENERAL_TEXT, HUB_ID, SAMPLE_CORPUS, SHIPPED_CORPORA, looks_local
 from igea.errors import IgeaError
 from igea.metrics import perplexity
 from igea.rundir import RUN_MARKER, write_json_atomic, write_text_atomic
@@ -199,7 +199,7 @@ def data_paths(data: dict[str, Any]) -> list[str]:
 def hub_datasets(data: dict[str, Any]) -> list[str]:
     """The hub dataset ids among the corpora (the hub's `datasets:` list takes nothing else); local files and
     the corpora shipped with igea are described in the card's text."""
-    return [p for p in data_paths(data) if p not in SHIPPED_CORPORA and not looks_local(p)]
+    return [p for p in data_paths(data) if p not in SHIPPED_CORPORA and not looks_local(p) and HUB_ID.fullmatch(p)]
 
 
 def describe_path(path: str) -> str:
