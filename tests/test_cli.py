@@ -139,6 +139,35 @@ def test_train_output_in_a_log_file_is_readable_lines(tiny_model_dir, corpus_fil
     assert len(evaluations) == 1  # the final metrics reuse the evaluation at the last step
 
 
+def test_resume_of_a_directory_with_no_run_is_an_error_naming_it(tiny_model_dir, corpus_file, tmp_path, capsys):
+    """`--resume` with a typo in output_dir used to start a whole new run with one warning line; now it is one
+    error line, exit 2, nothing written (`--resume=auto` is the mode that starts a run when there is none)."""
+    config = write_config(tmp_path, "run", tiny_model_dir, corpus_file)
+    typo = tmp_path / "rnu"
+    hint = ("check training.output_dir, or use --resume=auto (Python: resume=\"auto\") to start a run there when "
+            "there is none")
+    assert main(["train", str(config), f"training.output_dir={typo}", "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"igea: error: --resume: '{typo}' holds no run to continue (it does not exist); {hint}\n")
+    assert not typo.exists()
+    typo.mkdir()
+    assert main(["train", str(config), "--resume", f"training.output_dir={typo}"]) == 2  # overrides after the flag
+    assert capsys.readouterr().err == (
+        f"igea: error: --resume: '{typo}' holds no run to continue (it is empty); {hint}\n")
+    assert list(typo.iterdir()) == []
+    (typo / "base-model").mkdir()  # what igea.load_model builds before a run: not a run
+    (typo / "base-model" / "igea_tiny.json").write_text("{}")
+    cfg = igea.load_config(config, [f"training.output_dir={typo}"])
+    with pytest.raises(igea.IgeaError, match="holds no run to continue .it holds no igea_start.json nor checkpoint"):
+        igea.train(cfg, resume=True)
+    with pytest.raises(igea.IgeaError, match="resume: 'yes' is not allowed; use True .*, False, or 'auto'"):
+        igea.train(cfg, resume="yes")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(config), "--resume=yes"])
+    assert exit_.value.code == 2
+    assert "expected --resume or --resume=auto, got --resume=yes" in capsys.readouterr().err
+
+
 def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
     """The interrupted line names the command to run again, with the user's overrides (quoted for a shell)."""
     def interrupted(cfg, **flags):

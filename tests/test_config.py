@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 import igea
+from igea.cli import main
 from igea.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -119,6 +120,21 @@ def test_missing_model_dir_is_named(tmp_path):
 def test_malformed_files(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(write(tmp_path, text))
+
+
+def test_sources_with_every_entry_commented_out_says_the_list_is_empty(tmp_path, capsys):
+    """`sources:` whose entries are all commented out is null in YAML: the error says the list is empty (it
+    used to ask for the 'path' of an entry the file does not have); with data.path set, null means no mixture."""
+    text = "model:\n  tiny: {}\ndata:\n  sources:\n#    - {path: a.txt, weight: 0.9}\n#    - {path: b.txt}\n"
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert str(err.value).startswith("data.sources is empty: list at least one source")
+    assert main(["prepare", str(tmp_path / "run.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("igea: error: data.sources is empty: list at least one source")
+    cfg = load_config(minimal(tmp_path), ["data.sources=null"])
+    assert cfg.data.sources == [] and cfg.data.path is not None
+    with pytest.raises(ConfigError, match=r"^data.sources\[0\]: missing required key 'path'$"):
+        load_config(minimal(tmp_path), ["data.path=null", "data.sources=[{weight: 1}]"])  # an entry's own error
 
 
 def test_directory_or_missing_config(tmp_path):

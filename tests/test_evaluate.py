@@ -123,6 +123,19 @@ def test_a_run_directory_packs_as_its_run_did(tmp_path, tiny_model_dir, held_out
     assert results["models"][str(run_dir)]["held_out"]["tokens"] == data["blocks"] * 31
 
 
+def test_the_blocks_go_where_cache_dir_says(tiny_model_dir, held_out_file, tmp_path, capsys):
+    """`igea eval --cache-dir DIR` and `evaluate(..., cache_dir=DIR)` prepare the held-out blocks in
+    DIR/igea-blocks, not in the datasets cache of the home directory (a small or shared one on a cluster)."""
+    api = evaluate(str(tiny_model_dir), corpus=str(held_out_file), block_size=BLOCK, cache_dir=tmp_path / "api")
+    prepared = list((tmp_path / "api" / "igea-blocks").glob("*/prepared.json"))
+    assert len(prepared) == 1
+    assert main(["eval", str(tiny_model_dir), "--corpus", str(held_out_file), "--block-size", str(BLOCK),
+                 "--cache-dir", str(tmp_path / "cli")]) == 0
+    assert [p.parent.name for p in (tmp_path / "cli" / "igea-blocks").glob("*/prepared.json")] == [
+        prepared[0].parent.name]  # the same key: the same blocks, kept where asked
+    assert f"{api['models'][str(tiny_model_dir)]['held_out']['loss']:.4f}" in capsys.readouterr().out
+
+
 def test_errors_are_one_clear_line(tiny_model_dir, held_out_file, tmp_path):
     with pytest.raises(ConfigError, match=r"block_size: 1024 is longer than the context of .* \(512 pos"):
         evaluate(str(tiny_model_dir), corpus=str(held_out_file), block_size=1024)

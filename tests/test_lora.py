@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from igea.cli import main
 from igea.config import ConfigError
-from igea.lora import ADAPTER_DIR, apply_lora
+from igea.lora import ADAPTER_DIR, apply_lora, save_adapter
 from igea.modeling import load_pretrained
 from igea.report import write_report
 from igea.rundir import RUN_MARKER
@@ -215,7 +215,8 @@ def test_tied_embeddings_stay_tied_and_count_once(tied_lora_run, tied_model_dir)
     lora = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
     adapter = tied_lora_run.metrics["adapter"]
     assert adapter["trainable_parameters"] == lora + embedding  # the shared matrix once
-    assert adapter["trainable_parameters"] == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    # adapter/ holds the matrix once, as a base weight: peft trains the adapters on it (tests below)
+    assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == lora
     assert adapter["base_parameters"] == sum(t.numel() for t in base.values())
     card = write_report(out).read_text()
     assert f"trained in full: embed_tokens, lm_head. Trainable parameters: {lora + embedding:,} (" in card
@@ -238,6 +239,46 @@ def test_naming_one_of_a_tied_pair_trains_both_as_one_without_peft_warnings(tied
     assert merged.lm_head.weight is merged.model.embed_tokens.weight and merged.config.tie_word_embeddings
     with torch.no_grad():
         assert torch.allclose(merged(tokens(length=8) % 390).logits, adapted, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("named", [["embed_tokens"], ["lm_head"]])
+def test_the_adapter_saves_a_tied_matrix_once_and_loads_back_tied(named, tied_model_dir, corpus_file, tmp_path):
+    """peft saves the shared matrix under both names (236 MB instead of 123 for a 135M model, issue 26); adapter/
+    holds it once, and `PeftModel.from_pretrained` gives back the run's model, tied, without a warning."""
+    from transformers import Trainer, TrainingArguments
+
+    cfg = make_config(tmp_path, tied_model_dir, corpus_file, peft={"r": 4, "modules_to_save": named})
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tied_model_dir), cfg)
+    with torch.no_grad():  # stands for training: the shared matrix and the adapters move
+        model.get_input_embeddings().weight.add_(0.5)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.01)
+    ids = tokens(length=12) % 390
+    with torch.no_grad():
+        trained = model(ids).logits
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True,
+                                                          report_to=[]))
+    summary = save_adapter(trainer, cfg.peft, tmp_path / "staging")
+    adapter_dir = tmp_path / "staging" / ADAPTER_DIR
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    matrix = model.get_input_embeddings().weight
+    assert [k for k in saved if "lora_" not in k] == ["base_model.model.model.embed_tokens.weight"]
+    lora_bytes = sum(t.numel() * t.element_size() for k, t in saved.items() if "lora_" in k)
+    size = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    assert size < matrix.numel() * matrix.element_size() + lora_bytes + 16_384  # the matrix once, and the adapters
+    assert summary["tied_embeddings"] == ["embed_tokens", "lm_head"]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tied_model_dir), str(adapter_dir))
+    assert [str(w.message) for w in caught if "key" in str(w.message).lower()] == []
+    assert loaded.get_input_embeddings().weight is loaded.get_output_embeddings().weight
+    assert torch.equal(loaded.get_input_embeddings().weight, matrix)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "staging")
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, trained, atol=1e-5, rtol=0)
+        assert torch.allclose(merged(ids).logits, trained, atol=1e-5, rtol=0)
 
 
 def test_an_adapter_on_a_tied_pair_is_one_config_error(tied_model_dir, corpus_file, tmp_path, capsys):

@@ -19,11 +19,13 @@ import igea
 from igea.arguments import training_arguments
 from igea.basemodel import load_tokenizer
 from igea.blockstore import document_ids
+from igea.cli import main
 from igea.config import GENERAL_TEXT, ConfigError, sample_corpus_path, shipped_corpus_path
 from igea.data import mixture_plan, prepare_dataset, report_mixture_plan
+from igea.train import report_mixture
 from igea.trainer import build_trainer
 
-from conftest import make_config
+from conftest import make_config, train_until_first_checkpoint, write_config
 
 BLOCK = 64
 
@@ -134,14 +136,84 @@ def test_a_mixture_that_leaves_out_or_repeats_a_source_says_so(tiny_model_dir, h
         report_mixture_plan(mostly_domain.stats["train"], len(mostly_domain.train))  # one epoch
         report_mixture_plan(mostly_general.stats["train"], 3 * len(mostly_general.train))  # three epochs
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    plan = mixture_plan(mostly_domain.stats["train"], len(mostly_domain.train))
-    assert warnings[0] == (f"data.sources: 'general' would be trained on only {100 * plan['general']['seen']:.0f}% "
-                           f"of its {plan['general']['blocks']:,} blocks; raise its weight, train longer, or set "
-                           "data.mix (primary now)")
+    plan = mixture_plan(mostly_domain.stats["train"], len(mostly_domain.train))["general"]
+    drawn = mostly_domain.stats["train"]["sources"]["general"]["drawn"]
+    assert warnings[0] == (f"data.sources: 'general' would be trained on only {drawn:,} of its {plan['blocks']:,} "
+                           f"blocks ({100 * drawn / plan['blocks']:.3g}%): an epoch of the mixture (data.mix: primary) "
+                           f"draws {drawn:,} of them by its weight 0.2; raise its weight, or set data.mix: "
+                           "all_exhausted to see every block of every source")
     repeated = mixture_plan(mostly_general.stats["train"], 3 * len(mostly_general.train))["general"]
     assert repeated["passes"] > 4 and warnings[1].startswith(
         f"data.sources: each block of 'general' would be trained on {repeated['passes']:.1f} times")
     assert len(warnings) == 2
+
+
+def test_weights_that_do_not_add_up_to_1_are_stated_as_the_shares_they_are(tiny_model_dir, halves, tmp_path,
+                                                                            caplog):
+    cfg, data = mixture(tmp_path, tiny_model_dir, halves, (0.9, 0.3))
+    with caplog.at_level("INFO", logger="igea.data"):
+        report_mixture(cfg, data, training_arguments(cfg))
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0] == ("data.sources: the weights (0.9, 0.3) add up to 1.2, not 1: they are read as shares of the "
+                       "mixture, domain 0.75, general 0.25")
+    assert said[1].startswith("mixture (primary): domain (weight 0.75) ") and "; general (weight 0.25) " in said[1]
+    caplog.clear()
+    cfg, data = mixture(tmp_path / "one", tiny_model_dir, halves, (0.75, 0.25))
+    with caplog.at_level("INFO", logger="igea.data"):
+        report_mixture(cfg, data, training_arguments(cfg))
+    assert not any("add up to" in r.getMessage() for r in caplog.records)  # nothing to say when they add up to 1
+
+
+def test_a_step_limited_run_is_told_about_its_steps_with_a_meaningful_share(tiny_model_dir, halves, tmp_path,
+                                                                           caplog):
+    """The primary source of a run that max_steps cuts short: the advice is the steps, not its weight, and a few
+    blocks of many read as a share with three figures (not 'only 0%')."""
+    cfg, data = mixture(tmp_path, tiny_model_dir, halves, (0.9, 0.1))
+    train = data.stats["train"]
+    with caplog.at_level("WARNING", logger="igea.data"):
+        report_mixture_plan(train, 2 * 4, max_steps=2)  # 2 steps of 4 blocks
+    domain = mixture_plan(train, 2 * 4)["domain"]
+    seen, blocks = max(1, round(domain["seen"] * domain["blocks"])), domain["blocks"]
+    steps = math.ceil(blocks * train["blocks"] / (train["sources"]["domain"]["drawn"] * 4))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings[0] == (f"data.sources: 'domain' would be trained on only {seen} of its {blocks:,} blocks "
+                           f"({100 * seen / blocks:.3g}%): training.max_steps (2) ends the run first: about "
+                           f"{steps:,} steps would see each of its blocks once")
+    assert 0 < 100 * seen / blocks < 1 and "(0%)" not in warnings[0]
+
+
+def test_igea_prepare_says_what_igea_train_says_about_the_mixture(tiny_model_dir, halves, tmp_path, caplog):
+    sources = [{"path": str(halves[0]), "weight": 0.2, "label": "domain"},
+               {"path": str(halves[1]), "weight": 0.8, "label": "general"}]
+    config = write_config(tmp_path, "mix", tiny_model_dir, halves[0], max_steps=600,
+                          data={"path": None, "sources": sources, "validation_split": 0, "block_size": BLOCK})
+    with caplog.at_level("INFO", logger="igea.data"):
+        assert main(["prepare", str(config)]) == 0
+    said = [r.getMessage() for r in caplog.records]
+    cfg, data = mixture(tmp_path / "direct", tiny_model_dir, halves, (0.2, 0.8))
+    plan = mixture_plan(data.stats["train"], 600 * 4)
+    assert f"mixture (primary): domain (weight 0.2) {plan['domain']['blocks']:,} blocks" in "\n".join(said)
+    assert any(line.startswith("data.sources: 'domain' would be trained on only ") for line in said)
+    assert any(line.startswith("data.sources: each block of 'general' would be trained on "
+                               f"{plan['general']['passes']:.1f} times") and "training.max_steps (600)" in line
+               for line in said)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_does_not_warn_again(tiny_model_dir, halves, tmp_path, monkeypatch, caplog):
+    sources = [{"path": str(halves[0]), "weight": 0.5, "label": "domain"},
+               {"path": str(halves[1]), "weight": 0.5, "label": "general"}]
+    cfg = make_config(tmp_path, tiny_model_dir, halves[0], training={"max_steps": 4, "save_steps": 2},
+                      data={"path": None, "sources": sources, "validation_split": 0, "block_size": BLOCK})
+    with caplog.at_level("INFO", logger="igea.data"):
+        train_until_first_checkpoint(cfg, monkeypatch)
+    assert any("would be trained on only" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="igea.data"):
+        igea.train(cfg, resume=True)
+    said = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("mixture (primary): ") for line in said)  # what it takes, said again
+    assert not any(r.levelname == "WARNING" for r in caplog.records)  # the advice was given once, at the start
 
 
 def test_a_mixed_run_reports_blocks_available_used_and_passes(tiny_model_dir, halves, tmp_path):

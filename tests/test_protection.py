@@ -3,6 +3,7 @@ keeps one run per directory, and turns a full or read-only disk into one line.""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import socket
@@ -17,7 +18,7 @@ from igea.errors import IgeaError
 from igea.rundir import LOCK_FILE, RUN_MARKER, START_MARKER, dir_contents
 from igea.runstart import RunLock
 
-from conftest import write_config
+from conftest import Interrupted, stop_after_each_checkpoint, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +72,47 @@ def test_the_lock_is_reentrant_in_one_process_and_released_at_the_end(tmp_path):
             assert (tmp_path / "run" / LOCK_FILE).is_file()
         assert (tmp_path / "run" / LOCK_FILE).is_file()
     assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_resume_auto_starts_a_run_where_there_is_none_and_continues_the_one_there_is(
+        tiny_model_dir, corpus_file, tmp_path, monkeypatch, caplog):
+    """`--resume=auto` is for a scheduler that requeues the same command: the first time it starts the run, after
+    a crash it continues it from its checkpoint (`--resume auto`, two words, is the same)."""
+    config = quick_config(tmp_path, "run", tiny_model_dir, corpus_file)
+    restore = stop_after_each_checkpoint(monkeypatch, Interrupted)
+    with caplog.at_level(logging.INFO, logger="igea.runstart"), pytest.raises(Interrupted):
+        main(["train", str(config), "--resume=auto"])
+    assert f"--resume=auto: {tmp_path / 'run'} holds no run yet, starting one" in caplog.text
+    restore()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="igea.runstart"):
+        assert main(["train", str(config), "--resume", "auto"]) == 0
+    assert "resuming from" in caplog.text and "checkpoint-2" in caplog.text
+    assert (tmp_path / "run" / RUN_MARKER).is_file()
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(tiny_model_dir, corpus_file, tmp_path,
+                                                                             monkeypatch, caplog, capsys):
+    """A started run that saved no checkpoint is a run, not a typo: `--resume` starts it from the beginning and
+    says so (a directory with no run at all is an error: tests/test_cli.py)."""
+    config = quick_config(tmp_path, "run", tiny_model_dir, corpus_file)
+    trainer_class = importlib.import_module("igea.trainer").IgeaTrainer
+
+    def ctrl_c(self, model, inputs, num_items_in_batch=None):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_class, "training_step", ctrl_c)
+        assert main(["train", str(config)]) == 130
+    out = tmp_path / "run"
+    assert (out / START_MARKER).is_file() and not list(out.glob("checkpoint-*"))
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"igea: interrupted; no checkpoint was saved yet, nothing to resume; start again with: igea train {config}")
+    with caplog.at_level(logging.INFO, logger="igea.runstart"):
+        assert main(["train", str(config), "--resume"]) == 0
+    assert (f"--resume: the run in {out} has no complete checkpoint to continue from (it stopped before its first "
+            "one was saved, or each is damaged): starting it again from the beginning") in caplog.text
+    assert max(e["step"] for e in json.loads((out / "log_history.json").read_text())) == 4
 
 
 @pytest.fixture

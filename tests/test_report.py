@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
 import igea
 from igea.cli import main
@@ -24,7 +25,7 @@ from igea.report import (
 )
 from igea.rundir import RUN_MARKER
 
-from conftest import make_config
+from conftest import ITALIAN_DOCS, build_trait_model, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_CARD = ROOT.parent / "shared" / "reference" / "igea-1b-model-card.md"
@@ -308,6 +309,58 @@ def test_card_of_a_mixed_run_shows_blocks_sources_and_tokens_seen(tmp_path, tiny
     assert f"{blocks:,} blocks ({blocks * 64:,} tokens) mixed from a: " in train and "; b: " in train
     seen = next(line for line in bullets if line.startswith("- tokens trained on, per source: "))
     assert f"a {result.metrics['data']['tokens_seen']['a']:,} (" in seen
+
+
+def test_a_card_to_publish_lists_hub_datasets_only_and_says_what_was_trained_on(tmp_path, tiny_model_dir,
+                                                                                corpus_file):
+    """Front matter: hub ids only (the shipped and local corpora are described in the text); the train line says
+    the blocks available and the blocks trained on (1,066 read as 'what was trained' when 128 were); the Trainer's
+    evaluation at the last step, right after one on the cadence with no training log between, is one row."""
+    sources = [{"path": "IVN-RIN/BioBERT_Italian", "weight": 0.8}, {"path": "igea:general", "weight": 0.1},
+               {"path": str(corpus_file), "weight": 0.1}]
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, data={"path": None, "sources": sources})
+    metrics = {"data": {"train": {"documents": 90, "tokens": 68_300, "blocks": 1_066}, "blocks_trained": 128},
+               "after": {"eval_loss": 2.2, "eval_accuracy": 0.3}}
+    history = [{"loss": 2.6, "epoch": 0.1, "step": 10}, {"eval_loss": 2.5, "eval_accuracy": 0.2, "step": 10},
+               {"loss": 2.4, "epoch": 0.15, "step": 15},
+               {"eval_loss": 2.2001, "eval_accuracy": 0.3, "epoch": 0.15, "step": 15},  # on the cadence
+               {"eval_loss": 2.2, "eval_accuracy": 0.3, "epoch": 0.16, "step": 16},  # at the last step
+               {"train_runtime": 9.0, "train_loss": 2.5, "epoch": 0.16, "step": 16}]
+    card = write_report(fake_run(tmp_path / "run", cfg, ONE_CPU, metrics, history)).read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["datasets"] == ["IVN-RIN/BioBERT_Italian"]
+    assert "the general (not medical) Italian text shipped with igea" in card
+    assert "local files (`abstracts.txt`)" in card
+    assert "- train: 90 documents, 68,300 tokens, 1,066 blocks available; trained on 128 blocks (0.12 epochs)" in card
+    assert [row[2] for row in table_rows(between(card, "### Training results", "###"))] == ["10", "16"]
+    with pytest.raises(igea.ConfigError, match="^card.datasets: 'igea:general' is not a hub dataset id"):
+        make_config(tmp_path, tiny_model_dir, corpus_file, card={"datasets": ["IVN-RIN/BioBERT_Italian",
+                                                                              "igea:general"]})
+
+
+def test_a_degenerate_sample_is_not_the_usage_example_and_a_chat_template_is_explained(
+        tmp_path, tiny_model_dir, corpus_file):
+    """Greedy decoding of an undertrained model gives `Il fegato è 1200000000...`: not an output to show. A
+    tokenizer that kept the chat template of an instruct base gets a line saying what it is worth here."""
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file)
+    degenerate = {"samples": {"Il fegato è ": "Il fegato è 1200000000000000000000000000000"}}
+    run_dir = fake_run(tmp_path / "run", cfg, ONE_CPU, degenerate, small_history())
+    card = write_report(run_dir).read_text()
+    usage = between(card, "## How to use", "## Bias")
+    assert "# Output" not in usage and "120000" not in usage
+    assert ("The sample the run generated for this prompt at its end is not shown as the output: it repeats '0' 29 "
+            "times in a row, a degenerate continuation") in usage
+    assert "chat template" not in card
+
+    for text in ("Il fegato è il fegato è il fegato è il fegato è il fegato è", "Il fegato è "):
+        (run_dir / "metrics.json").write_text(json.dumps({"samples": {"Il fegato è ": text}}), encoding="utf-8")
+        assert "# Output" not in between(write_report(run_dir).read_text(), "## How to use", "## Bias"), text
+
+    tied = build_trait_model("tied", ITALIAN_DOCS * 4, tmp_path / "tied")  # a tokenizer with a chat template
+    AutoTokenizer.from_pretrained(tied).save_pretrained(run_dir)  # as the run saves its base's tokenizer
+    usage = between(write_report(run_dir).read_text(), "## How to use", "## Bias")
+    assert "The tokenizer keeps the chat template of the base model's tokenizer" in usage
+    assert "neither trained nor evaluated here" in usage
 
 
 def test_a_local_base_model_is_named_by_its_hub_id_and_the_snippet_by_the_repo(tmp_path, tiny_model_dir, corpus_file):

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from igea.arguments import evaluation_share, training_arguments
 from igea.config import config_from_dict
 from igea.errors import ConfigError, IgeaError
 from igea.metrics import count_correct
-from igea.rundir import RUN_MARKER
+from igea.rundir import RUN_MARKER, share_like_other_files
 from igea.train import train
 
-from conftest import config_dict, make_config
+from conftest import config_dict, make_config, train_until_first_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,29 @@ def test_run_dir_holds_safetensors_tokenizer_and_marker(finished_run):
     assert torch.equal(model.state_dict()["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
 
 
+def test_the_weights_are_as_readable_as_every_other_file_of_the_run(finished_run, tmp_path):
+    """safetensors writes its files mode 0600 whatever the umask (a temporary file renamed into place): on a shared
+    cluster the colleagues who may read a run could not read its weights. Every weight file igea writes gets the
+    mode of the files beside it (0644 under umask 022)."""
+    cfg, _ = finished_run
+    out = cfg.output_dir
+    checkpoint = next(out.glob("checkpoint-*"))
+    for folder in (out, checkpoint):
+        assert mode(folder / "model.safetensors") == mode(folder / "config.json"), folder
+    old = os.umask(0o022)
+    try:
+        save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+        (tmp_path / "config.json").write_text("{}")
+        share_like_other_files(tmp_path)
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "model.safetensors") == mode(tmp_path / "config.json") == 0o644
+
+
+def mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
 def test_trainer_accuracy_equals_a_forward_pass_by_hand(finished_run):
     cfg, result = finished_run
     from igea.basemodel import load_tokenizer
@@ -70,6 +94,30 @@ def test_finished_run_is_never_overwritten_without_asking(finished_run):
     with pytest.raises(IgeaError, match="holds a finished run; use --overwrite"):
         train(cfg)
     assert (cfg.output_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_train_loss_after_a_resume_is_the_mean_over_all_the_run_steps(tiny_model_dir, corpus_file, tmp_path,
+                                                                       monkeypatch):
+    """transformers 5 averages `train_loss` over the steps of its `train()` call: after a resume, over those since
+    the checkpoint only (4.268 against 4.417 uninterrupted, issue 26). The checkpoint at step 3 falls between two
+    logs (every 4 steps), as a preemption's does: the loss of steps 1-3, not yet logged, is carried too, so the loss
+    logged at step 4 is that of steps 1-4, not of step 4 alone."""
+    training = {"max_steps": 6, "save_steps": 3, "logging_steps": 4, "eval_steps": 6, "seed": 5}
+    data, quick = {"validation_split": 2}, {"before_training": False}
+    whole = train(make_config(tmp_path / "whole", tiny_model_dir, corpus_file, training=training, data=data,
+                              eval=quick))
+    cfg = make_config(tmp_path / "resumed", tiny_model_dir, corpus_file, training=training, data=data, eval=quick)
+    train_until_first_checkpoint(cfg, monkeypatch)
+    resumed = train(cfg, resume=True)
+    want = whole.metrics["train"]["train_loss"]
+    assert resumed.metrics["train"]["train_loss"] == pytest.approx(want, abs=1e-6, rel=0)
+    assert resumed.log_history[-1]["train_loss"] == resumed.metrics["train"]["train_loss"]  # the logged line too
+    logged = [{e["step"]: e["loss"] for e in r.log_history if "loss" in e} for r in (whole, resumed)]
+    assert list(logged[1]) == [4] and logged[1] == pytest.approx(logged[0], abs=1e-6, rel=0)
+    assert resumed.metrics["after"]["eval_loss"] == whole.metrics["after"]["eval_loss"]  # the rest was already equal
+    blocks = 6 * cfg.training["per_device_train_batch_size"]
+    assert resumed.metrics["data"]["blocks_trained"] == whole.metrics["data"]["blocks_trained"] == blocks
 
 
 def test_card_warmup_ratio_maps_to_fractional_warmup_steps(tiny_model_dir, corpus_file, tmp_path):

@@ -23,7 +23,7 @@ EXIT_USAGE = 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(resume_flag_last(sys.argv[1:] if argv is None else argv))
     if extra:  # overrides may come after the flags: `igea train c.yaml --resume training.max_steps=10`
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -148,11 +148,41 @@ def cmd_init(args: argparse.Namespace) -> int:
 def add_train(commands) -> None:
     parser = _command(commands, "train", cmd_train, "continue pretraining as the config says, then sample text")
     _config_arguments(parser)
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, type=resume_value, metavar="auto",
+                        help="continue the run in output_dir from its last complete checkpoint (a directory with no "
+                             "run is an error); --resume=auto: continue it if there is one, else start it")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="with --resume: continue even though training settings changed (both are recorded)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the igea run in output_dir (only files igea wrote are removed)")
+
+
+def resume_value(text: str) -> str:
+    """The value `--resume=VALUE` may take: `auto`."""
+    from igea.rundir import RESUME_AUTO
+
+    if text != RESUME_AUTO:
+        raise argparse.ArgumentTypeError(f"expected --resume or --resume={RESUME_AUTO}, got --resume={text}")
+    return text
+
+
+def resume_flag_last(argv: list[str]) -> list[str]:
+    """`igea train` arguments with a bare `--resume` moved to the end, so that it cannot take the config or an
+    override that follows it for its optional value (`--resume training.max_steps=10`); `--resume auto` becomes
+    `--resume=auto`."""
+    if "train" not in argv or "--resume" not in argv:
+        return list(argv)
+    out, bare, i = [], False, 0
+    while i < len(argv):
+        if argv[i] != "--resume":
+            out.append(argv[i])
+        elif argv[i + 1:i + 2] == ["auto"]:
+            out.append("--resume=auto")
+            i += 1
+        else:
+            bare = True
+        i += 1
+    return out + (["--resume"] if bare else [])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -200,8 +230,13 @@ def add_prepare(commands) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from igea.arguments import training_arguments
+    from igea.train import report_mixture
+
     cfg = igea.load_config(args.config, args.overrides)
+    training = training_arguments(cfg)  # the run's length: what a mixture gives it, as `igea train` says it
     data = igea.prepare_dataset(cfg)
+    report_mixture(cfg, data, training)
     print(json.dumps(data.stats, indent=2))
     return 0
 
@@ -355,6 +390,9 @@ def add_eval(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, help="held-out block length (default: the run's)")
     parser.add_argument("--output", metavar="JSON", help="write results and per-question predictions here")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="prepare the held-out blocks in DIR/igea-blocks (default: the datasets cache, "
+                             "HF_DATASETS_CACHE)")
     parser.add_argument("--device")
     parser.add_argument("--dtype")
 
@@ -377,7 +415,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--{key.removeprefix('eval.').replace('_', '-')}:{rest}") from None
     corpus = held_out_argument(args.corpus) if args.corpus else None
     results = evaluate(args.path, corpus=corpus, compare=args.compare, eval_config=eval_config,
-                       block_size=args.block_size, device=args.device, dtype=args.dtype)
+                       block_size=args.block_size, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     print(format_results(results))
     if args.output:
         write_json_atomic(Path(args.output), results)

@@ -230,7 +230,7 @@ class DataConfig(Section):
     KEY: ClassVar[str] = "data"
 
     path: str | list[str] | None = None
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] | None = field(default_factory=list)  # null (entries commented out): see check
     name: str | None = None
     split: str = "train"
     revision: str | None = None
@@ -257,6 +257,10 @@ class DataConfig(Section):
         _choice(self, "document_boundary", ("eos", "special_tokens"))
         _choice(self, "packing", ("blocks", "documents"))
         _choice(self, "mix", tuple(MIX_MODES))
+        if self.sources is None:  # `sources:` with every entry commented out
+            if self.path is None:
+                raise ConfigError("data.sources is empty: list at least one source (path, weight), or set data.path")
+            self.sources = []
         if self.path is not None and self.sources:
             raise ConfigError("data: set either 'data.path' or 'data.sources', not both")
         for key, paths in [("data.path", self.path), *validation_paths(self).items()] + [
@@ -398,6 +402,11 @@ class CardConfig(Section):
             if value is not None and (not HUB_ID.fullmatch(value) or ".." in value or not owner):
                 raise ConfigError(f"card.{name}: {show(value)} is not a hub repo id; give owner/name as on "
                                   "huggingface.co, e.g. sapienzanlp/Minerva-1B-base-v1.0")
+        for value in self.datasets:
+            if not HUB_ID.fullmatch(value) or ".." in value:
+                raise ConfigError(f"card.datasets: {show(value)} is not a hub dataset id; the card's front matter "
+                                  "lists datasets on huggingface.co (owner/name); local and shipped corpora are named "
+                                  "in the card's text")
         if self.license is not None and not HUB_LICENSE.fullmatch(self.license):
             raise ConfigError(f"card.license: {show(self.license)} is not a hub license identifier; use one such as "
                               "apache-2.0, mit, cc-by-4.0 or other (huggingface.co/docs/hub/repositories-licenses)")
@@ -655,6 +664,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if sections and isinstance(value, dict):  # `TinyModelConfig | None`: the section's own errors name the key
             return build_section(sections[0], value, f"{key}.")
+        lists = [a for a in args if typing.get_origin(a) is list and dataclasses.is_dataclass(typing.get_args(a)[0])]
+        if lists:  # `list[SourceConfig] | None`: each entry's own errors name its key
+            return _coerce(value, lists[0], key)
         enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
         if enums:  # `SchedulerType | str`: the string must still be one of the enum's values
             return _coerce(value, enums[0], key)

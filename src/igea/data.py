@@ -449,23 +449,76 @@ def mixture_plan(train: dict[str, Any], blocks_trained: int) -> dict[str, dict[s
     return plan
 
 
-def report_mixture_plan(train: dict[str, Any], blocks_trained: int) -> None:
-    """Log what the run takes from each source, and warn when a source would be mostly left out (less than 95%
-    of its blocks seen) or repeated more than 4 times: both are usually not what the weights were meant to say."""
+def report_mixture_weights(sources: list[SourceConfig]) -> None:
+    """Say how `data.sources` weights that do not add up to 1 are read: as shares of the mixture (0.9 and 0.3 are
+    0.75 and 0.25), rather than renormalising them silently."""
+    total = sum(s.weight for s in sources)
+    if len(sources) < 2 or abs(total - 1) < 1e-9:
+        return
+    logger.info("data.sources: the weights (%s) add up to %s, not 1: they are read as shares of the mixture, %s",
+                ", ".join(f"{s.weight:g}" for s in sources), f"{total:g}",
+                ", ".join(f"{source_name(s)} {s.weight / total:.3g}" for s in sources))
+
+
+def report_mixture_plan(train: dict[str, Any], blocks_trained: int, max_steps: int | None = None,
+                        warn: bool = True) -> None:
+    """Log what the run takes from each source and, with `warn`, warn when a source would be mostly left out (less
+    than 95% of its blocks seen) or repeated more than 4 times: both are usually not what the weights were meant
+    to say. `max_steps`: the run's length when steps set it (the advice is then about steps, not weights).
+
+    A run warns once, as it starts: a resumed run passes `warn=False`."""
     plan = mixture_plan(train, blocks_trained)
     if not plan:
         return
     logger.info("mixture (%s): %s", train.get("mix"), "; ".join(
-        f"{name} {p['blocks']:,} blocks, {p['used']:,} used ({p['passes']:.2f} passes)" for name, p in plan.items()))
+        f"{name} (weight {train['sources'][name]['weight']:.3g}) {p['blocks']:,} blocks, {p['used']:,} used "
+        f"({p['passes']:.2f} passes)" for name, p in plan.items()))
+    if not warn:
+        return
     for name, p in plan.items():
         if p["seen"] < 0.95:
-            logger.warning("data.sources: '%s' would be trained on only %.0f%% of its %s blocks; raise its weight, "
-                           "train longer, or set data.mix (%s now)", name, 100 * p["seen"], f"{p['blocks']:,}",
-                           train.get("mix"))
+            seen = max(1, round(p["seen"] * p["blocks"]))  # a share of a block is one block, at some step
+            logger.warning("data.sources: '%s' would be trained on only %s of its %s blocks (%s): %s", name,
+                           f"{seen:,}", f"{p['blocks']:,}", percent(seen / p["blocks"]),
+                           underuse_advice(train, name, blocks_trained, max_steps))
         elif p["passes"] > 4:
+            shorter = f", or lower training.max_steps ({max_steps:,})" if max_steps else ""
             logger.warning("data.sources: each block of '%s' would be trained on %.1f times (%s blocks, %s used); "
-                           "lower its weight or give it more text", name, p["passes"], f"{p['blocks']:,}",
-                           f"{p['used']:,}")
+                           "lower its weight or give it more text%s", name, p["passes"], f"{p['blocks']:,}",
+                           f"{p['used']:,}", shorter)
+
+
+def underuse_advice(train: dict[str, Any], name: str, blocks_trained: int, max_steps: int | None) -> str:
+    """Why a source of the mixture would be mostly left out, and what changes that: the run's length when it ends
+    before an epoch of the mixture (`max_steps`: the steps it would take), its weight when an epoch draws only a
+    subset of it (training longer repeats the same subset), or both."""
+    source = train["sources"][name]
+    drawn, blocks = source["drawn"], source["blocks"]
+    used = blocks_trained * drawn / train["blocks"]
+    subset = drawn < blocks
+    reasons = []
+    if used < min(drawn, blocks) * 0.95:
+        what = f"the {drawn:,} an epoch of the mixture draws" if subset else "each of its blocks once"
+        if max_steps:
+            steps = math.ceil(min(drawn, blocks) * train["blocks"] / (drawn * blocks_trained / max_steps))
+            reasons.append(f"training.max_steps ({max_steps:,}) ends the run first: about {steps:,} steps would see "
+                           f"{what}")
+        else:
+            reasons.append(f"the run ends within its first epoch: one epoch (training.num_train_epochs: 1) would see "
+                           f"{what}")
+    if subset and train.get("mix") == "token_budget":
+        reasons.append(f"data.token_budget gives it {drawn:,} blocks by its weight {source['weight']:.3g}; raise its "
+                       "weight or the budget")
+    elif subset:
+        reasons.append(f"an epoch of the mixture (data.mix: {train.get('mix')}) draws {drawn:,} of them by its "
+                       f"weight {source['weight']:.3g}; raise its weight, or set data.mix: all_exhausted to see every "
+                       "block of every source")
+    return "; ".join(reasons)
+
+
+def percent(share: float) -> str:
+    """A share as a percentage with three significant digits: 12.7%, 0.41% (never a bare 0% for a few blocks)."""
+    return f"{100 * share:.3g}%"
 
 
 def mixture_used(train: dict[str, Any], tokens_seen: dict[str, int], block_size: int) -> dict[str, dict[str, Any]]:

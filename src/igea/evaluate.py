@@ -51,6 +51,7 @@ def evaluate(
     block_size: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Held-out metrics on `corpus` and multiple-choice `tasks` for a model, and for `compare` beside it.
 
@@ -58,7 +59,9 @@ def evaluate(
     `corpus` is what `data.path` takes (files, globs, directories, a hub id), a whole DataConfig, or named
     held-out sets `{"biomed": "a.txt", "general": ["b.txt", "c.txt"]}`, each evaluated on its own. Blocks are
     `block_size` tokens: by default the run's own, else the model's context up to 2048, prepared once on disk as
-    training prepares them. `eval_config` gives the tasks' few-shot count, limit and batch size. Returns
+    training prepares them, in `<cache_dir>/igea-blocks` (default: the datasets cache, `HF_DATASETS_CACHE`; a
+    DataConfig's own `cache_dir` unless this one is given). `eval_config` gives the tasks' few-shot count, limit and
+    batch size. Returns
     JSON-ready results: `{"models": {name: {"held_out": ..., "held_out_sets": ..., "tasks": ...}},
     "held_out_data": ..., "change": ..., "table": ...}`; `held_out` is over all sets (token-weighted) and
     `held_out_sets` (named sets only) holds each set's.
@@ -85,7 +88,7 @@ def evaluate(
         if corpus is not None:
             context = context_length(lm, tok)
             if not blocks:
-                sets = held_out_sets(corpus, source, block_size, context)
+                sets = held_out_sets(corpus, source, block_size, context, cache_dir)
                 check_block_fits(next(iter(sets.values())).block_size, context, name)
                 warn_if_trained_on(source, sets)
                 prepared = {set_name: held_out_blocks(tok, data, set_name) for set_name, data in sets.items()}
@@ -153,9 +156,11 @@ def run_packing(source: ModelLike) -> dict[str, Any]:
 
 
 def held_out_data_config(
-    corpus: str | list[str] | DataConfig, source: ModelLike, block_size: int | None, context: int
+    corpus: str | list[str] | DataConfig, source: ModelLike, block_size: int | None, context: int,
+    cache_dir: str | os.PathLike | None = None,
 ) -> DataConfig:
-    """The DataConfig of a held-out corpus: the run's packing, `block_size` if given, blocks <= context."""
+    """The DataConfig of a held-out corpus: the run's packing, `block_size` if given, blocks <= context, prepared
+    in `cache_dir` if given."""
     if isinstance(corpus, DataConfig):
         data = corpus
     else:
@@ -164,16 +169,19 @@ def held_out_data_config(
         data = DataConfig(path=corpus, validation_split=0, **settings)
     if block_size is not None:
         data = dataclasses.replace(data, block_size=block_size)
+    if cache_dir is not None:
+        data = dataclasses.replace(data, cache_dir=os.fspath(cache_dir))
     if data.block_size < 2:
         raise ConfigError(f"block_size: {data.block_size!r} is not allowed; it must be at least 2")
     return data
 
 
-def held_out_sets(corpus: HeldOutCorpus, source: ModelLike, block_size: int | None,
-                  context: int) -> dict[str, DataConfig]:
+def held_out_sets(corpus: HeldOutCorpus, source: ModelLike, block_size: int | None, context: int,
+                  cache_dir: str | os.PathLike | None = None) -> dict[str, DataConfig]:
     """Each held-out set's DataConfig, by name (one unnamed set, "", unless `corpus` names them)."""
     named = corpus if isinstance(corpus, dict) else {"": corpus}
-    return {name: held_out_data_config(paths, source, block_size, context) for name, paths in named.items()}
+    return {name: held_out_data_config(paths, source, block_size, context, cache_dir)
+            for name, paths in named.items()}
 
 
 def check_set_names(corpus: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from igea.data import read_documents
 from igea.errors import ConfigError, IgeaError
 from igea.hub import hub_reachable
 from igea.progress import bars_off_in_logs
-from igea.rundir import TINY_MARKER
+from igea.rundir import TINY_MARKER, share_like_other_files
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ def build_tiny_model(texts: Iterable[str], shape: TinyModelConfig, out_dir: str 
     tokenizer.save_pretrained(tmp)
     if recipe is not None:
         (tmp / TINY_MARKER).write_text(json.dumps(recipe), encoding="utf-8")
+    share_like_other_files(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # built for another shape or corpus
     tmp.replace(out_dir)

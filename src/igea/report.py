@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import yaml
 from transformers.modelcard import make_markdown_table, parse_log_history
 
-from igea.config import GENERAL_TEXT, SAMPLE_CORPUS, looks_local
+from igea.config import GENERAL_TEXT, HUB_ID, SAMPLE_CORPUS, SHIPPED_CORPORA, looks_local
 from igea.errors import IgeaError
 from igea.metrics import perplexity
 from igea.rundir import RUN_MARKER, write_json_atomic, write_text_atomic
@@ -195,7 +197,9 @@ def data_paths(data: dict[str, Any]) -> list[str]:
 
 
 def hub_datasets(data: dict[str, Any]) -> list[str]:
-    return [p for p in data_paths(data) if p != SAMPLE_CORPUS and not looks_local(p)]
+    """The hub dataset ids among the corpora (the hub's `datasets:` list takes nothing else); local files and
+    the corpora shipped with igea are described in the card's text."""
+    return [p for p in data_paths(data) if p not in SHIPPED_CORPORA and not looks_local(p) and HUB_ID.fullmatch(p)]
 
 
 def describe_path(path: str) -> str:
@@ -265,6 +269,8 @@ def how_to_use(run: RunRecord) -> str:
     else:
         model_id = (f"model_id = {_literal(run.run_dir.resolve().name)}  # this run's directory; once published, "
                     "its hub id (card.repo_id)\n")
+    samples = run.metrics.get("samples") or {}
+    flaw = degenerate(continuation(samples[prompt], prompt)) if prompt in samples else None
     return (
         "## How to use\n\n"
         "```python\n"
@@ -273,8 +279,11 @@ def how_to_use(run: RunRecord) -> str:
         "pipeline = transformers.pipeline(\"text-generation\", model=model_id, dtype=\"auto\")\n"
         f"output = pipeline({_literal(prompt)}, max_new_tokens={max_new_tokens})\n"
         "print(output[0][\"generated_text\"])\n"
-        f"{sample_comment(run.metrics.get('samples') or {}, prompt)}"
+        f"{'' if flaw else sample_comment(samples, prompt)}"
         "```"
+        + (f"\n\nThe sample the run generated for this prompt at its end is not shown as the output: {flaw}, a "
+           "degenerate continuation (`metrics.json` keeps it under `samples`)." if flaw else "")
+        + chat_template_note(run.run_dir)
     )
 
 
@@ -284,6 +293,57 @@ def sample_comment(samples: dict[str, str], prompt: str) -> str:
         return ""
     text = " ".join(samples[prompt].split())
     return f"# Output (sampled at the end of the run):\n# {_literal(text)}\n"
+
+
+def continuation(sample: str, prompt: str) -> str:
+    """What the model wrote after `prompt` (samples are saved with their prompt)."""
+    return sample[len(prompt):] if sample.startswith(prompt) else sample
+
+
+LONGEST_RUN = 10
+"""A character repeated this many times in a row (`1200000000000`) makes a continuation degenerate."""
+REPEATED_SHARE = 0.5
+"""A phrase of 1-4 words whose repetitions cover this share of a continuation's words makes it degenerate."""
+
+
+def degenerate(text: str) -> str | None:
+    """Why a generated continuation is no example to show (None when it is one): it is empty, it holds a run of
+    one character (LONGEST_RUN or more), or one phrase of 1 to 4 words, repeated, makes up REPEATED_SHARE of its
+    words or more (`il paziente il paziente il paziente ...`): what greedy decoding of an undertrained model
+    produces."""
+    words = text.split()
+    if not words:
+        return "it is empty"
+    run = max(re.finditer(r"(\S)\1*", text), key=lambda m: len(m.group(0)))
+    if len(run.group(0)) >= LONGEST_RUN:
+        return f"it repeats {run.group(1)!r} {len(run.group(0))} times in a row"
+    repeated = []  # (share of the words, phrase, times) of each length's most repeated phrase
+    for n in range(1, 5):
+        phrases = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        if phrases:
+            phrase, count = phrases.most_common(1)[0]
+            repeated.append((min(count * n / len(words), 1.0), -n, " ".join(phrase), count))
+    share, _, phrase, count = max(repeated)  # the phrase that covers most, the shortest of those that cover as much
+    if count >= 3 and share >= REPEATED_SHARE:
+        return f"{phrase!r} makes up {share:.0%} of it ({count} times)"
+    return None
+
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def chat_template_note(run_dir: Path) -> str:
+    """A line for a run whose tokenizer carries its base model's chat template (an instruct base): the template
+    is kept, so that chat prompts are formatted as the base expects, but nothing in continued pretraining trained
+    or checked the model's answers in that format."""
+    config = run_dir / "tokenizer_config.json"
+    in_config = config.is_file() and "chat_template" in json.loads(config.read_text(encoding="utf-8"))
+    if not in_config and not any((run_dir / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return ""
+    return ("\n\nThe tokenizer keeps the chat template of the base model's tokenizer, so that chat messages are "
+            "formatted as the base model expects them. This run continued pretraining on plain text, with no chat "
+            "data: the model's replies in that format were neither trained nor evaluated here, and may be worse "
+            "than the base model's. Prompt it with text to continue, as above.")
 
 
 def _literal(text: str) -> str:
@@ -304,7 +364,8 @@ def data_summary(run: RunRecord) -> str:
     data = run.metrics.get("data") or {}
     for split in ("train", "validation"):
         if split in data:
-            lines.append(f"- {split}: {split_summary(data[split], block)}")
+            trained = trained_line(data[split], data.get("blocks_trained")) if split == "train" else ""
+            lines.append(f"- {split}: {split_summary(data[split], block)}{trained}")
     for name, counts in (data.get("validation_sets") or {}).items():
         lines.append(f"  - {name}: {split_summary(counts, block)}")
     seen = data.get("tokens_seen") or {}
@@ -318,6 +379,21 @@ def data_summary(run: RunRecord) -> str:
             f"{name}: {u['blocks']:,} blocks, {u['used']:,} used, {u['passes']:.1f} passes" if u.get("blocks")
             else f"{name}: {u['used']:,} used (streamed)" for name, u in used.items()))
     return "\n".join(lines) + "\n\n" + evaluation_summary(run.metrics)
+
+
+def trained_line(counts: dict[str, Any], trained: int | None) -> str:
+    """What the run trained on, beside what the train split holds: the split's blocks are what was available (a
+    short run trains on a few of them, a long one goes over them several times)."""
+    if trained is None:
+        return ""
+    available = counts.get("blocks")
+    if counts.get("streaming") or not available:
+        return f"; trained on {trained:,} blocks"
+    epochs = trained / available
+    unit = "epoch" if epochs == 1 else "epochs"
+    if "sources" in counts:  # the split's blocks are an epoch of the mixture, listed with each source's
+        return f"; trained on {trained:,} blocks ({epochs:.3g} {unit} of the mixture)"
+    return f" available; trained on {trained:,} blocks ({epochs:.3g} {unit})"
 
 
 def split_summary(counts: dict[str, Any], block: int | None) -> str:
@@ -504,9 +580,17 @@ def result_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def hf_name(key: str) -> str:  # how parse_log_history names a metric column
         return " ".join(part.capitalize() for part in key.split("_")[1:])
 
-    return [{**{c: line[c] for c in RESULT_COLUMNS if c in line},
+    rows = [{**{c: line[c] for c in RESULT_COLUMNS if c in line},
              **{column: line[hf_name(key)] for column, key in extra.items() if hf_name(key) in line}}
             for line in lines or []]
+    if len(rows) > 1 and not trained_between(log_history, *(row["Step"] for row in rows[-2:])):
+        del rows[-2]  # the Trainer's evaluation at the last step, right after one on the cadence: one row, the last
+    return rows
+
+
+def trained_between(log_history: list[dict[str, Any]], first: int, last: int) -> bool:
+    """Whether a training loss was logged after step `first` and by step `last`."""
+    return any("loss" in entry and first < entry.get("step", 0) <= last for entry in log_history)
 
 
 def results_section(log_history: list[dict[str, Any]], curves_drawn: bool) -> str:

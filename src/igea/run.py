@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 from accelerate import PartialState
 
@@ -22,7 +23,7 @@ from igea.train import RunResult, mark_finished, open_run, train_started
 logger = logging.getLogger(__name__)
 
 
-def run(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False,
+def run(cfg: IgeaConfig, resume: bool | Literal["auto"] = False, overwrite: bool = False,
         allow_config_change: bool = False) -> RunResult:
     """Continue pretraining as configured (see `igea.train` for the flags), generate one sample per configured
     prompt, score the `eval.tasks` benchmarks, mark the run finished and write its model card."""

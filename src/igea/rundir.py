@@ -61,6 +61,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def share_like_other_files(folder: Path) -> None:
+    """Give the safetensors files under `folder` the mode every other file there gets (0644 under umask 022).
+
+    safetensors writes a weight file as a temporary file renamed into place, which keeps the temporary file's
+    mode 0600 whatever the umask: on a shared cluster, the colleagues who may read a run could not read its
+    weights. Files of another mode are left as they are.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    for path in folder.rglob("*.safetensors"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600 != mode:
+            path.chmod(mode)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """`payload` as indented UTF-8 JSON, written atomically (values JSON cannot hold become strings)."""
     write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
@@ -109,19 +124,37 @@ def _some(names: list[str], n: int = 4) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+RESUME_AUTO = "auto"
+"""`resume="auto"` (`--resume=auto`): continue the run in output_dir when there is one, else start it (a scheduler
+that requeues the same command)."""
+
+
+def check_resume(resume: bool | str) -> None:
+    """`resume` is False, True (the directory must hold a run: a typo in its path is an error) or "auto"."""
+    if resume not in (False, True, RESUME_AUTO) or not isinstance(resume, (bool, str)):
+        raise IgeaError(f"resume: {resume!r} is not allowed; use True (continue the run in output_dir), False, or "
+                        f"'{RESUME_AUTO}' (continue it when there is one, else start it)")
+
+
+def check_output_dir(output_dir: Path, resume: bool | str, overwrite: bool) -> None:
     """Refuse a directory igea must not write into or must not replace; nothing is changed here.
 
-    A new or empty directory is fine. A directory that is not an igea run is refused whatever the flags. An
-    igea run: a finished one needs `overwrite`; an unfinished one with a complete checkpoint needs `resume` or
-    `overwrite`; `overwrite` refuses when anything igea did not write is there.
+    A new or empty directory is fine, unless `resume` is True: there is no run to continue there (a typo in the
+    path), which is an error rather than a new run (`resume="auto"` starts one). A directory that is not an igea
+    run is refused whatever the flags. An igea run: a finished one needs `overwrite`; an unfinished one with a
+    complete checkpoint needs `resume` or `overwrite`; `overwrite` refuses when anything igea did not write is
+    there.
     """
     if not output_dir.exists():
+        if resume is True:
+            raise IgeaError(_no_run_to_resume(output_dir, "it does not exist"))
         return
     if not output_dir.is_dir():
         raise IgeaError(f"training.output_dir: '{output_dir}' is a file, not a directory")
     contents = dir_contents(output_dir)
     if not contents.igea and not contents.foreign:
+        if resume is True:
+            raise IgeaError(_no_run_to_resume(output_dir, "it is empty"))
         return
     built_by_igea = (output_dir / "base-model" / TINY_MARKER).is_file()  # igea.load_model(cfg) before a run
     if not contents.is_run and not built_by_igea and not complete_checkpoints(output_dir):
@@ -149,6 +182,13 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
             f"training.output_dir: '{output_dir}' holds checkpoints of an unfinished run; use --resume "
             "(Python: resume=True) to continue it, or --overwrite to start again"
         )
+    if resume is True and START_MARKER not in contents.igea and not complete_checkpoints(output_dir):
+        raise IgeaError(_no_run_to_resume(output_dir, f"it holds no {START_MARKER} nor checkpoint"))
+
+
+def _no_run_to_resume(output_dir: Path, why: str) -> str:
+    return (f"--resume: '{output_dir}' holds no run to continue ({why}); check training.output_dir, or use "
+            f"--resume={RESUME_AUTO} (Python: resume=\"{RESUME_AUTO}\") to start a run there when there is none")
 
 
 def remove_igea_files(output_dir: Path, keep: tuple[str, ...] = ()) -> list[str]:

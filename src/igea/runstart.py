@@ -18,6 +18,7 @@ from igea.errors import IgeaError, show
 from igea.progress import human_size
 from igea.rundir import (
     LOCK_FILE,
+    RESUME_AUTO,
     START_MARKER,
     STATUS_FILE,
     check_output_dir,
@@ -32,8 +33,6 @@ from igea.rundir import (
 from igea.status import StatusFile
 
 logger = logging.getLogger(__name__)
-
-
 
 
 @dataclass
@@ -81,15 +80,24 @@ class RunStart:
             self.output_dir.rmdir()
 
 
-def plan_run(config: dict[str, Any], output_dir: Path, resume: bool, overwrite: bool,
+def plan_run(config: dict[str, Any], output_dir: Path, resume: bool | str, overwrite: bool,
              allow_config_change: bool) -> RunStart:
     """With the directory locked (and checked again, now that no other run can start): pick the checkpoint to
-    resume from and compare the config with the one the run started with. Writes nothing."""
+    resume from and compare the config with the one the run started with. Writes nothing.
+
+    `resume` True continues the run in the directory (`check_output_dir` refused a directory with none); a run
+    that saved no complete checkpoint yet starts again from the beginning. "auto" does the same, and starts a new
+    run where there is none."""
     check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     new_dir = not any(entry != LOCK_FILE for entry in os.listdir(output_dir))
     checkpoint = verified_checkpoint(output_dir) if resume else None
     if resume and checkpoint is None:
-        logger.warning("--resume: no complete checkpoint in %s, starting from the beginning", output_dir)
+        if new_dir or not (output_dir / START_MARKER).is_file() and not complete_checkpoints(output_dir):
+            logger.info("--resume=%s: %s holds no run yet, starting one", RESUME_AUTO, output_dir)
+        else:
+            logger.warning("--resume: the run in %s has no complete checkpoint to continue from (it stopped before "
+                           "its first one was saved, or each is damaged): starting it again from the beginning",
+                           output_dir)
         return RunStart(output_dir, config, new_dir=new_dir)
     if checkpoint is None:
         return RunStart(output_dir, config, new_dir=new_dir)

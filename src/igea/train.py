@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
-from transformers import Trainer, TrainerState
+from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
 from igea.arguments import (
@@ -36,14 +36,22 @@ from igea.arguments import (
 )
 from igea.basemodel import base_model_path, load_tokenizer
 from igea.config import IgeaConfig
-from igea.data import mixture_used, prepare_dataset, report_mixture_plan
+from igea.data import PreparedData, mixture_used, prepare_dataset, report_mixture_plan, report_mixture_weights
 from igea.errors import IgeaError
 from igea.lora import apply_lora, check_peft, save_adapter
 from igea.modeling import load_causal_lm
 from igea.preemption import CheckpointOnStop, Preempted, stop_on_signals
 from igea.preflight import check_before_training, check_block_size
 from igea.progress import progress_bars_off_in_logs
-from igea.rundir import BEFORE_METRICS, RUN_MARKER, check_output_dir, read_json, write_json_atomic
+from igea.rundir import (
+    BEFORE_METRICS,
+    RUN_MARKER,
+    check_output_dir,
+    check_resume,
+    read_json,
+    share_like_other_files,
+    write_json_atomic,
+)
 from igea.runstart import RunLock, RunStart, plan_run, start_record
 from igea.status import StatusFile
 from igea.streaming import BlockStream
@@ -63,19 +71,23 @@ class RunResult:
     layout: dict[str, Any] = field(default_factory=dict)
 
 
-def train(cfg: IgeaConfig, resume: bool = False, overwrite: bool = False,
+def train(cfg: IgeaConfig, resume: bool | Literal["auto"] = False, overwrite: bool = False,
           allow_config_change: bool = False) -> RunResult:
     """Continue pretraining the base model on the corpus; save weights, tokenizer and metrics in `output_dir`.
 
-    `resume` continues from the newest verified checkpoint and refuses a config that differs from the one the
-    run was started with, unless `allow_config_change`; `overwrite` replaces a finished run (igea's files only).
+    `resume=True` continues the run in `output_dir` from its newest verified checkpoint (from the beginning when
+    it saved none yet); a directory that holds no run is an error (a typo in the path must not start a new run).
+    `resume="auto"` continues the run when there is one and starts it when there is none: for a scheduler that
+    requeues the same command. A resumed run refuses a config that differs from the one the run was started
+    with, unless `allow_config_change`; `overwrite` replaces a finished run (igea's files only).
     """
     with open_run(cfg, resume, overwrite, allow_config_change) as start:
         return train_started(cfg, start, finish=True)
 
 
 @contextmanager
-def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change: bool) -> Iterator[RunStart]:
+def open_run(cfg: IgeaConfig, resume: bool | str, overwrite: bool,
+             allow_config_change: bool) -> Iterator[RunStart]:
     """Check the output directory and lock it for this run (main process), then hand every process the same
     `RunStart`. Nothing is written before the checks pass; the lock is released when the block ends, however it
     ends, and a run that fails before it began training leaves a new directory as it found it.
@@ -85,7 +97,9 @@ def open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change
 
 
 @contextmanager
-def _open_run(cfg: IgeaConfig, resume: bool, overwrite: bool, allow_config_change: bool) -> Iterator[RunStart]:
+def _open_run(cfg: IgeaConfig, resume: bool | str, overwrite: bool,
+              allow_config_change: bool) -> Iterator[RunStart]:
+    check_resume(resume)
     check_launch()
     if cfg.model.tiny is None:
         check_block_size(cfg)  # reads only the model's config: an unreachable hub id fails in seconds
@@ -186,9 +200,8 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     trainer = build_trainer(cfg, args, model, tokenizer, data, benchmarks if cfg.eval.during_training else (),
                             started=start.opened, status=start.status)
     settle_cadence(trainer, cfg)
-    if trainer.is_world_process_zero() and not cfg.data.streaming:
-        report_mixture_plan(data.stats["train"], planned_blocks(args, len(data.train)))
     if trainer.is_world_process_zero():
+        report_mixture(cfg, data, trainer.args, warn=start.checkpoint is None)  # warned once, as the run starts
         built_for_this_run = (["base-model"] if cfg.model.tiny is not None else []) + (
             ["base-model-extended"] if cfg.model.extend_vocabulary is not None else [])
         start.begin(framework_versions(), keep=tuple(built_for_this_run))
@@ -197,7 +210,7 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
         metrics["before"] = evaluate_before(trainer, cfg)
     checkpoint = start.checkpoint
     if checkpoint is not None:
-        trainer.restore_tokens_seen(checkpoint)
+        trainer.restore_totals(checkpoint)
         if isinstance(data.train, BlockStream) and data.train.restore(checkpoint):
             trainer.args.ignore_data_skip = True  # the stream continues from its saved position: nothing to replay
     if checkpoint is not None and training_finished_in(trainer, checkpoint):
@@ -214,6 +227,7 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
                 f"checkpoint-{trainer.state.global_step} is saved: continue with --resume "
                 "(Python: resume=True)", stop.signum)
         metrics["train"] = train_output.metrics
+    metrics["data"]["blocks_trained"] = trainer.blocks_trained()
     if trainer.sources:
         metrics["data"]["tokens_seen"] = trainer.tokens_seen_per_source()
         used = metrics["data"]["mixture"] = mixture_used(data.stats["train"], metrics["data"]["tokens_seen"],
@@ -233,6 +247,18 @@ def train_started(cfg: IgeaConfig, start: RunStart, finish: bool) -> RunResult:
     return result
 
 
+def report_mixture(cfg: IgeaConfig, data: PreparedData, args: TrainingArguments, warn: bool = True) -> None:
+    """What a mixture of `data.sources` gives the run (`igea train` and `igea prepare` print the same lines): the
+    weights as the shares they are, and, for blocks prepared on disk, each source's blocks, those the run trains on
+    and the passes that makes, with a warning (`warn`) for a source mostly left out or repeated more than 4 times."""
+    if len(cfg.data.sources) < 2:
+        return
+    report_mixture_weights(cfg.data.sources)
+    if not cfg.data.streaming:
+        report_mixture_plan(data.stats["train"], planned_blocks(args, len(data.train)),
+                            args.max_steps if args.max_steps > 0 else None, warn)
+
+
 def training_finished_in(trainer: Trainer, checkpoint: Path) -> bool:
     """True when `checkpoint` is the last step of the run (the run was stopped while saving its results)."""
     state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
@@ -250,8 +276,11 @@ def restore_finished_training(trainer: Trainer, checkpoint: Path) -> dict[str, A
     best = trainer.state.best_model_checkpoint
     if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
         trainer._load_from_checkpoint(best)  # what the Trainer does at the end of training
-    return {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
-            "total_flos": trainer.state.total_flos}
+    summary = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+               "total_flos": trainer.state.total_flos}
+    if trainer.resumed_loss is not None and trainer.state.global_step:
+        summary["train_loss"] = (trainer.loss_before + trainer.resumed_loss[0]) / trainer.state.global_step
+    return summary
 
 
 def evaluate_before(trainer: Trainer, cfg: IgeaConfig) -> dict[str, float]:
@@ -326,6 +355,7 @@ def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any], start: 
     result = RunResult(out, metrics, trainer.state.log_history, batch_layout(trainer.args))
     if not trainer.is_world_process_zero():
         return result
+    share_like_other_files(staging)
     for item in staging.iterdir():
         target = out / item.name
         if item.is_dir() and target.is_dir():

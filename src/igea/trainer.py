@@ -23,7 +23,7 @@ from igea.data import BlockCollator, PreparedData
 from igea.errors import IgeaError
 from igea.metrics import NextTokenMetrics, argmax_and_nll, combined, perplexity
 from igea.progress import Progress, duration, human_size
-from igea.rundir import CHECKPOINT_MARKER, mark_checkpoint_complete, rotate_checkpoints
+from igea.rundir import CHECKPOINT_MARKER, mark_checkpoint_complete, rotate_checkpoints, share_like_other_files
 from igea.status import StatusFile
 from igea.streaming import BlockStream
 from igea.tasks import MultipleChoiceTask, run_tasks
@@ -42,7 +42,9 @@ class IgeaTrainer(Trainer):
     - a NaN/inf loss stops the run before it reaches a checkpoint;
     - every checkpoint gets a completion marker with its files' sizes and checksums once all of it is on disk
       (resume verifies it and skips the others); old checkpoints are rotated out only after that;
-    - with mixed corpora, the tokens each source supplied are counted (and kept across a resume);
+    - the blocks trained on are counted, and with mixed corpora the tokens each source supplied (both kept across
+      a resume); so is the training loss summed by the Trainer, logged or not yet: after a resume, the first
+      logged loss and `train_loss` are those of the uninterrupted run (the mean over all the run's steps);
     - a streamed corpus saves its position with every checkpoint (so a resume does not replay the stream);
     - the eval loss is token-weighted, exact however the blocks were batched or spread over processes, and
       costs one cross-entropy per batch (the model is not asked for its own loss);
@@ -58,6 +60,9 @@ class IgeaTrainer(Trainer):
         self.save_total_limit = save_total_limit  # applied by igea after the completion marker, not by the Trainer
         self.sources = sources or []
         self.source_tokens = torch.zeros(len(self.sources), dtype=torch.long)
+        self.blocks = 0  # blocks this process trained on (with the run's earlier sessions' on the main process)
+        self.loss_before: float | None = 0.0  # the logged training loss summed before this session (None: unknown)
+        self.resumed_loss: tuple[float, int] | None = None  # a checkpoint's loss not yet logged, and its last log
         self.benchmarks = list(benchmarks)
         self.eval_config = eval_config or EvalConfig()
         self.clock: TrainingClock | None = None  # set by build_trainer: times the run, keeps its status file
@@ -65,6 +70,11 @@ class IgeaTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         source = inputs.pop("source", None)
+        self.blocks += inputs["input_ids"].shape[0]
+        if self.resumed_loss is not None:  # the first step after a resume: the Trainer has just zeroed its sums
+            pending, self._globalstep_last_logged = self.resumed_loss
+            self._tr_loss += pending
+            self.resumed_loss = None
         if source is not None:
             blocks = torch.bincount(source.cpu(), minlength=len(self.sources))
             self.source_tokens += blocks * inputs["input_ids"].shape[1]
@@ -76,6 +86,30 @@ class IgeaTrainer(Trainer):
                 "is kept (lower training.learning_rate or check the data, then --resume)"
             )
         return loss
+
+    def blocks_trained(self) -> int:
+        """Blocks trained on so far in the run, summed over processes (a collective: every rank calls it)."""
+        return int(self.accelerator.reduce(torch.tensor(self.blocks, device=self.accelerator.device), reduction="sum"))
+
+    def loss_state(self) -> dict[str, float | int] | None:
+        """The training loss the Trainer has summed so far in the run, as it sums it for the logs and `train_loss`:
+        what it logged, what it has not logged yet (each averaged over processes) and the step of its last log;
+        a collective. None when a resumed checkpoint did not record it."""
+        if self.loss_before is None:
+            return None
+        pending = self.accelerator.reduce(self._tr_loss.detach().clone(), reduction="mean").item()
+        return {"logged_sum": self.loss_before + self._total_loss_scalar, "pending": pending,
+                "last_logged_step": self._globalstep_last_logged}
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        # transformers 5 averages `train_loss` over the steps of this `train()` call only: after a resume, over the
+        # steps since the checkpoint. The run's own is the mean over all its steps, as an uninterrupted run reports.
+        steps = self.state.global_step - self._initial_global_step
+        if self._initial_global_step and steps > 0 and self.loss_before is not None:
+            total = self.loss_before + self._total_loss_scalar + self._tr_loss.item()
+            self._tr_loss.zero_()
+            self._total_loss_scalar = total / self.state.global_step * steps  # what the Trainer divides by `steps`
+        return super()._finalize_training(trial, num_train_samples, start_time)
 
     def tokens_seen_per_source(self) -> dict[str, int]:
         """Training tokens each mixed source supplied so far, summed over processes."""
@@ -204,11 +238,13 @@ class IgeaTrainer(Trainer):
                 self.clock.report(self.state, phase=f"saving {folder.name}")
         super()._save_checkpoint(model, trial)  # the Trainer rotates nothing (igea holds save_total_limit)
         self.accelerator.wait_for_everyone()  # every rank has written its part (RNG states, shards)
-        seen = self.tokens_seen_per_source()  # a collective: every rank takes part
+        totals = {"tokens_seen": self.tokens_seen_per_source(), "blocks_trained": self.blocks_trained(),
+                  "loss": self.loss_state()}  # collectives: every rank takes part
         if self.is_world_process_zero():
             if isinstance(self.train_dataset, BlockStream):  # where the stream is, so that --resume need not replay it
                 self.train_dataset.save(folder, self.state.global_step * self.get_total_train_batch_size(self.args))
-            mark_checkpoint_complete(folder, {"global_step": self.state.global_step, "tokens_seen": seen})
+            share_like_other_files(folder)
+            mark_checkpoint_complete(folder, {"global_step": self.state.global_step, **totals})
             size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
             logger.info("saved %s (%s, %s)", folder.name, human_size(size), duration(time.monotonic() - started))
             best = self.state.best_model_checkpoint
@@ -222,11 +258,20 @@ class IgeaTrainer(Trainer):
         super()._issue_warnings_after_load(
             load_result._replace(missing_keys=[k for k in load_result.missing_keys if k in missing]))
 
-    def restore_tokens_seen(self, checkpoint: Path) -> None:
-        """Carry the per-source token counts of a checkpoint into a resumed run (held by the main process)."""
-        seen = json.loads((checkpoint / CHECKPOINT_MARKER).read_text(encoding="utf-8")).get("tokens_seen") or {}
-        if self.sources and self.is_world_process_zero():
-            self.source_tokens = torch.tensor([seen.get(name, 0) for name in self.sources], dtype=torch.long)
+    def restore_totals(self, checkpoint: Path) -> None:
+        """Carry a checkpoint's running totals into a resumed run: the training loss summed so far (logged and not
+        yet logged), and the blocks and per-source tokens trained on (counts held by the main process). A
+        checkpoint of an older igea lacks the loss (the run's `train_loss` then covers the resumed steps only) and
+        the block count (it restarts at 0)."""
+        saved = json.loads((checkpoint / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+        loss = saved.get("loss")
+        self.loss_before = loss["logged_sum"] if loss else None
+        self.resumed_loss = (loss["pending"], loss["last_logged_step"]) if loss else None
+        if self.is_world_process_zero():
+            self.blocks = saved.get("blocks_trained") or 0
+            seen = saved.get("tokens_seen") or {}
+            if self.sources:
+                self.source_tokens = torch.tensor([seen.get(name, 0) for name in self.sources], dtype=torch.long)
 
 
 class NonFiniteLossError(IgeaError):

@@ -45,7 +45,7 @@ from igea.modeling import (
 )
 from igea.newrows import FIT_DOCUMENTS, INIT, distil, read_with_base, resize_and_initialise
 from igea.progress import bars_off_in_logs
-from igea.rundir import write_json_atomic
+from igea.rundir import share_like_other_files, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ def extend_vocabulary(
                     model, distilled["documents"], distilled["tokens"], distilled["loss"]["before"],
                     distilled["loss"]["after"])
     lm.save_pretrained(tmp)
+    share_like_other_files(tmp)
 
     heldout = list(heldout_texts) if heldout_texts else list(texts)
     report: dict[str, Any] = {
