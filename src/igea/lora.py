@@ -31,7 +31,7 @@ from igea.basemodel import base_model_path
 from igea.config import ALL_LINEAR, AdapterConfig, IgeaConfig, looks_local
 from igea.errors import ConfigError, IgeaError
 from igea.modeling import from_pretrained_or_explain
-from igea.runstart import human_size
+from igea.progress import human_size
 
 logger = logging.getLogger(__name__)
 
