@@ -62,6 +62,7 @@ def bench_config(args: argparse.Namespace, variant: str, work: Path) -> IgeaConf
         f"training.per_device_train_batch_size={args.batch_size}",
         f"training.total_train_batch_size={args.batch_size}", "training.save_strategy=\"no\"",
         "training.disable_tqdm=true", "training.torch_compile=false", "data.validation_split=0",
+        "data.validation_path=null",
         f"data.block_size={args.block_size}", f"training.learning_rate={args.learning_rate}",
         "training.logging_first_step=true", f"training.logging_steps={args.steps + args.warmup}",
     ]

@@ -128,6 +128,7 @@ def recipe_config(args: argparse.Namespace, variant: Variant, batch_size: int, w
         f"training.per_device_train_batch_size={batch_size}",
         f"training.total_train_batch_size={batch_size * variant.accumulation}",
         "training.save_strategy=\"no\"", "training.disable_tqdm=true", "data.validation_split=0",
+        "data.validation_path=null",
         f"data.block_size={args.block_size}", f"data.packing={variant.packing}",
     ]
     overrides.append(f"training.torch_compile={str(variant.compile).lower()}")  # the variant decides

@@ -134,7 +134,7 @@ def test_train_output_in_a_log_file_is_readable_lines(tiny_model_dir, corpus_fil
     lines = [line for line in done.stderr.splitlines() if "igea.tracking: step " in line]
     assert any("step 5/10 (50.0%)  loss " in line for line in lines) and any("eval_loss " in line for line in lines)
     assert "{'" not in done.stderr and "': '" not in done.stderr  # no dict of quoted numbers
-    assert done.stderr.count("kept ") == 1  # the corpus is cleaned (and reported) once
+    assert done.stderr.count("kept ") <= 1  # the corpus is cleaned (and reported) once, or read from the cache
     evaluations = [line for line in lines if "eval_loss" in line and "step 10/10" in line]
     assert len(evaluations) == 1  # the final metrics reuse the evaluation at the last step
 
