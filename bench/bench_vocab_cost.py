@@ -93,6 +93,8 @@ def run_vocab(model: Path, work: Path, fit_documents: int | None, args: argparse
                "--num-tokens", str(args.num_tokens), "--output", str(out)]
     if fit_documents is not None:
         command += ["--fit-documents", str(fit_documents)]
+    if args.bits_per_byte_documents is not None:
+        command += ["--bits-per-byte-documents", str(args.bits_per_byte_documents)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     with log.open("w") as stderr:
@@ -139,11 +141,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="word occurrences the tokenizer is trained on")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the checkpoint's dtype, which igea vocab loads it in")
+    parser.add_argument("--bits-per-byte-documents", type=int, help="passed to igea vocab (default: its own)")
     parser.add_argument("--quick", action="store_true", help="a tiny shape (for CI)")
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden_size, args.intermediate_size, args.layers, args.heads, args.kv_heads = 32, 64, 2, 4, 2
         args.vocab_size, args.tokenizer_words, args.num_tokens = 2000, 200_000, 50
+        args.bits_per_byte_documents = args.bits_per_byte_documents or 10
     return args
 
 

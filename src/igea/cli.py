@@ -410,7 +410,7 @@ def add_vocab(commands) -> None:
                         help="corpus documents (the first N, up to 512 tokens each) the new rows are fitted and "
                              "distilled on: a forward pass of the base model and a forward and backward pass of the "
                              "extended one per document; 0: none, the rows stay weighted means of their pieces' rows "
-                             "(default: 1000 on a GPU; on a CPU fewer for a large model, 14 for 135M parameters)")
+                             "(default: 1000 on a GPU; on a CPU fewer for a large model, 101 for 135M parameters)")
     parser.add_argument("--bits-per-byte", action=argparse.BooleanOptionalAction, default=True,
                         help="score the base and the extended (untrained) model in bits per byte on the held-out "
                              "text, to see what the new rows cost before training (default: on)")

@@ -31,10 +31,11 @@ logger = logging.getLogger(__name__)
 FIT_DOCUMENTS = 1000
 """Corpus documents the fit and the distillation read by default on a GPU (the first ones, up to FIT_CONTEXT
 tokens each), and at most by default on a CPU (CPU_BUDGET)."""
-CPU_BUDGET = 1.0e12
-"""On a CPU, the default reads at most this many parameter-tokens (the model's parameters × FIT_CONTEXT × the
-documents): the cost of the fit and the distillation grows with both, and a CPU is some 100 times slower than a
-GPU. Small models still read FIT_DOCUMENTS; a 135M-parameter model reads 14 (BENCHMARKS.md, "Domain vocabulary")."""
+CPU_BUDGET = 7e12
+"""On a CPU, the default fit reads at most this many parameter-tokens (the model's parameters × FIT_CONTEXT × the
+documents), as its cost grows with both: a model up to 13M parameters reads FIT_DOCUMENTS, a 135M-parameter one
+101 (9 minutes on 2 cores for the whole of `igea vocab`; a quarter of the plain mean's untrained penalty on the
+benchmark's model), a 1B one 13 (BENCHMARKS.md, "Domain vocabulary")."""
 FIT_CONTEXT = 512
 """Tokens of each of those documents read (the rest of a longer document is not used)."""
 FIT_OCCURRENCES = 64
@@ -67,8 +68,8 @@ def default_fit_documents(model: PreTrainedModel) -> tuple[int, str]:
     documents = min(FIT_DOCUMENTS, int(CPU_BUDGET // (parameters * FIT_CONTEXT)))
     if documents == FIT_DOCUMENTS:
         return documents, "the default"
-    return documents, (f"the default on a CPU for {parameters / 1e6:,.0f}M parameters: {CPU_BUDGET:.0e} parameter-"
-                       f"tokens, against {FIT_DOCUMENTS:,} on a GPU")
+    return documents, (f"the default on a CPU for {parameters / 1e6:,.0f}M parameters: a budget of {CPU_BUDGET:.0e} "
+                       f"parameter-tokens, parameters × {FIT_CONTEXT} × documents; {FIT_DOCUMENTS:,} on a GPU")
 
 
 def piece_weights(count: int, later: bool) -> torch.Tensor:
