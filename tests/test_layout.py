@@ -10,7 +10,7 @@ import igea
 PACKAGE = Path(igea.__file__).parent
 
 LAYERS = [
-    {"errors", "hub", "metrics", "logs"},
+    {"errors", "hub", "metrics", "logs", "progress"},
     {"config"},
     {"rundir", "blockstore", "preemption"},
     {"streaming", "runstart"},
