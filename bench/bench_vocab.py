@@ -27,6 +27,8 @@ tokenizers only.
     python bench/bench_vocab.py           # vocab 8192, 1,000 new tokens, hidden 128, 2 layers (about 12 min)
     python bench/bench_vocab.py --tied --scan-vocab-sizes ''   # the same, tied embeddings
     python bench/bench_vocab.py --quick   # a minute, for CI: the same steps, tiny sizes
+    python bench/bench_vocab.py --curve-only --documents-curve 0,10,25,50,100,250,1000   # the penalty against
+                                          # the documents the fit and the distillation read (--tied: tied)
 """
 
 from __future__ import annotations
@@ -205,6 +207,42 @@ def other_inits(base_dir: Path, extended_dir: Path, texts: list[str], corpus: li
     return results
 
 
+@torch.no_grad()
+def plain_mean(base_dir: Path, extended_dir: Path, texts: list[str]) -> float:
+    """Bits per byte on `texts` of the extended model with each new row the plain mean of its pieces' rows."""
+    report = json.loads((extended_dir / REPORT).read_text(encoding="utf-8"))
+    base, tokenizer = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(extended_dir)
+    model = AutoModelForCausalLM.from_pretrained(extended_dir)
+    for matrix in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                   }.values():
+        for token in report["new_tokens"]:
+            matrix[token["id"]] = matrix[base.convert_tokens_to_ids(token["pieces"])].mean(dim=0)
+    return igea.bits_per_byte(model, tokenizer, texts)
+
+
+def documents_curve(base_dir: Path, adapt: list[str], test: list[str], counts: list[int], num_tokens: int,
+                    work: Path) -> dict[str, Any]:
+    """The untrained penalty in bits per byte on `test` (extended over base) when the new rows are fitted and
+    distilled on the first N adaptation documents, for each N of `counts` (0: the start rows), and the time the
+    extension took; with the plain mean's penalty to compare."""
+    base = score(base_dir, test)
+    points = []
+    for count in counts:
+        out = work / f"curve-{count}"
+        start = time.perf_counter()
+        report = igea.extend_vocabulary(str(base_dir), adapt, num_tokens, out, heldout_texts=test,
+                                        fit_documents=count)
+        seconds = time.perf_counter() - start
+        bpb = score(out, test)
+        points.append({"fit_documents": count, "documents_read": report["fit"]["documents_read"],
+                       "fitted_tokens": report["fitted_tokens"], "seconds": round(seconds, 1), "bpb": bpb,
+                       "penalty": bpb / base - 1})
+        print(f"fit documents {count} ({report['fit']['documents_read']} read): {bpb:.4f} bits per byte, "
+              f"penalty {bpb / base - 1:+.2%}, {seconds:.0f} s", flush=True)
+    mean = plain_mean(base_dir, work / f"curve-{counts[0]}", test)
+    return {"base": base, "points": points, "plain_mean": mean, "plain_mean_penalty": mean / base - 1}
+
+
 def add_tokens_variants(base_dir: Path, corpus: list[str], test: list[str], num_tokens: int) -> dict[str, Any]:
     """`tokenizer.add_tokens` with the `num_tokens` whole words that save the most tokens in `corpus`.
 
@@ -271,6 +309,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="use only the first N documents of each split")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (torch.set_num_threads)")
     parser.add_argument("--tied", action="store_true", help="tied input/output embeddings (as most small models)")
+    parser.add_argument("--documents-curve", default="",
+                        help="comma-separated values of fit_documents: the untrained penalty after extending the "
+                             "pretrained base model with each (e.g. 0,10,25,50,100,250,1000)")
+    parser.add_argument("--curve-only", action="store_true",
+                        help="pretrain the base model and measure --documents-curve, nothing else")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a fraction of an epoch (for CI)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -298,6 +341,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base_dir, pretrain = train_run("pretrained", random_model(tokenizer, args, work / "random"),
                                        work / "pretrain.jsonl", args.pretrain_epochs, 2e-3, args, work)
         print(f"base model: {pretrain}", flush=True)
+        counts = [int(x) for x in args.documents_curve.split(",") if x.strip()]
+        curve_result = documents_curve(base_dir, adapt, test, counts, args.num_tokens, work) if counts else None
+        if args.curve_only:
+            result = {"benchmark": "vocab_documents_curve", "tied": args.tied, "num_tokens": args.num_tokens,
+                      "adapt_documents": len(adapt), "threads": args.threads, "documents_curve": curve_result}
+            print(json.dumps(result, ensure_ascii=False))
+            return result
 
         extend = {"extend_vocabulary": {"num_tokens": args.num_tokens}}
         runs = {"base": train_run("base", base_dir, work / "adapt.jsonl", args.epochs, 1e-3, args, work, 0.1),
@@ -332,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "curves": curves, "break_even": even,
         "runs": stats, "pretrain": pretrain, "add_tokens": variants, "fertility_by_vocab_size": scan,
         "first_new_tokens": [t["token"] for t in report["new_tokens"][:12]],  # '▁' marks a word start
+        "documents_curve": curve_result,
     }
     print(f"fertility on test: {fertility_base:.3f} -> {fertility_ext:.3f} tokens/word "
           f"({result['fertility_change']:+.1%}); training tokens {result['train_tokens_change']:+.1%}")

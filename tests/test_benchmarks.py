@@ -55,7 +55,7 @@ def test_train_benchmark_trains_both_trainers_on_the_same_batches():
 
 @needs_shared_data
 def test_vocab_benchmark_extends_a_general_tokenizer_and_trains_both_vocabularies():
-    [result] = run_bench("bench_vocab.py", "--quick")
+    [result] = run_bench("bench_vocab.py", "--quick", "--documents-curve", "0,5")
 
     assert result["tokens_added"] == result["num_tokens"] == 100
     assert result["fertility_extended"] < result["fertility_base"]
@@ -71,6 +71,27 @@ def test_vocab_benchmark_extends_a_general_tokenizer_and_trains_both_vocabularie
         assert [p["step"] for p in points] == sorted({p["step"] for p in points}) and len(points) >= 5
     assert result["bpb_untrained_penalty"] == pytest.approx(
         result["bpb_untrained"]["extended"] / result["bpb_untrained"]["base"] - 1)
+    curve = result["documents_curve"]  # the penalty against the documents the new rows are fitted on
+    assert curve["base"] == result["bpb_untrained"]["base"]
+    assert [(p["fit_documents"], p["documents_read"]) for p in curve["points"]] == [(0, 0), (5, 5)]
+    assert curve["points"][0]["fitted_tokens"] == 0 < curve["points"][1]["fitted_tokens"]
+    assert all(p["penalty"] == pytest.approx(p["bpb"] / curve["base"] - 1) for p in curve["points"])
+
+
+@needs_shared_data
+def test_vocab_cost_benchmark_times_each_phase_of_igea_vocab(tmp_path):
+    none, three = run_bench("bench_vocab_cost.py", "--quick", "--fit-documents", "0", "3", "--work", str(tmp_path))
+
+    common = ["counting words", "learning merges", "model loaded", "extended tokenizer saved", "new rows ready",
+              "extended model saved", "fertility measured", "bits per byte, extended model",
+              "bits per byte, base model"]
+    fit = ["the base model's reading", "the distillation"]
+    assert set(common) <= set(none["phases_s"]) and not set(fit) & set(none["phases_s"])
+    assert set(common + fit) <= set(three["phases_s"])
+    assert none["fit"]["documents_read"] == none["fitted_tokens"] == 0 and none["distillation"] is None
+    assert 0 < three["fit"]["documents_read"] <= 3 and three["distillation"]["steps"] == 1
+    assert none["bits_per_byte"]["documents"] == three["bits_per_byte"]["documents"] == 10
+    assert all(0 <= t <= r["wall_s"] for r in (none, three) for t in r["phases_s"].values())
 
 
 def test_eval_benchmark_scores_the_same_blocks_as_run_clms_evaluation():

@@ -4,6 +4,7 @@ should be and nowhere else, old ids and rows stay, new rows start from their pie
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -17,7 +18,8 @@ import igea
 from igea.basemodel import base_model_path, load_tokenizer
 from igea.cli import main
 from igea.config import config_from_dict
-from igea.newrows import read_with_base, resize_and_initialise
+from igea.newrows import FIT_DOCUMENTS, default_fit_documents, read_with_base, resize_and_initialise
+from igea.progress import Progress, in_log_file
 from igea.vocab import REPORT, hold_out, words
 
 from conftest import TRAITS, build_trait_model, config_dict, make_config, real_abstracts, write_config
@@ -214,12 +216,12 @@ def test_every_model_trait_is_extended_and_distilled(trait, tmp_path, monkeypatc
     """Tied embeddings, byte-level BPE, a tokenizer that adds BOS itself, over 65,536 ids, a sliding window:
     each gets its tokens, keeps its tie, and has its new rows distilled (on 100 documents of 64 tokens: a
     70,000-row output layer makes each step costly on a CPU)."""
-    monkeypatch.setattr("igea.vocab.FIT_DOCUMENTS", 100)
     monkeypatch.setattr("igea.newrows.FIT_CONTEXT", 64)
     texts, heldout = real_abstracts("train", 200), real_abstracts("test", 3)
     base_dir = build_trait_model(trait, texts, tmp_path / trait)
     out = tmp_path / "ext"
-    report = igea.extend_vocabulary(str(base_dir), texts, 40, out, heldout_texts=heldout, measure_bits_per_byte=True)
+    report = igea.extend_vocabulary(str(base_dir), texts, 40, out, heldout_texts=heldout, measure_bits_per_byte=True,
+                                    fit_documents=100)
     assert report["tokens_added"] == 40 and report["fertility"]["change"] < 0
     assert math.isfinite(report["bits_per_byte"]["after"])
     base, extended = AutoModelForCausalLM.from_pretrained(base_dir), AutoModelForCausalLM.from_pretrained(out)
@@ -370,15 +372,99 @@ def test_cli_without_bits_per_byte_scores_nothing(tiny_model_dir, corpus_file, t
     assert "bits_per_byte" not in json.loads((out / REPORT).read_text(encoding="utf-8"))
 
 
+PHASES = [  # (the line a phase starts with, the line it ends with), in order
+    ("reading the corpus", "corpus read in"),
+    ("counting the words of", "counting words: done in"),
+    ("corpus: ", "learning merges: done in"),
+    ("loading ", "model loaded in"),
+    ("saving the extended tokenizer", "extended tokenizer saved in"),
+    ("the base model reads 6 documents", "the base model's reading: done in"),
+    ("the ridge fit: ", "new rows ready in"),
+    ("distilling the new rows on 6 documents, 4 at a time (2 steps)", "the distillation: done in"),
+    ("saving the extended model", "extended model saved in"),
+    ("measuring fertility", "fertility measured in"),
+    ("bits per byte, extended model: scoring 3 documents", "bits per byte, extended model: done in"),
+    ("bits per byte, base model: scoring 3 documents", "bits per byte, base model: done in"),
+]
+
+
+def test_cli_logs_each_phase_with_its_time_and_progress_within_the_long_ones(tiny_model_dir, corpus_file, tmp_path,
+                                                                              caplog, monkeypatch):
+    """In a log file (stderr not a terminal, as under pytest) each phase says when it starts and how long it took,
+    and the long ones say how far they are (here at every step instead of every 30 s); the fit's size and why."""
+    monkeypatch.setitem(Progress.__init__.__kwdefaults__, "every", 0.0)
+    assert in_log_file()
+    caplog.set_level(logging.INFO)
+    assert main(["vocab", str(tiny_model_dir), "--corpus", str(corpus_file), "--num-tokens", "20", "--output",
+                 str(tmp_path / "ext"), "--fit-documents", "6", "--bits-per-byte-documents", "3"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("igea")]
+    at = 0
+    for start, end in PHASES:
+        began = next(i for i, line in enumerate(lines) if i >= at and line.startswith(start))
+        at = next(i for i, line in enumerate(lines) if i > began and line.startswith(end))
+        assert re.fullmatch(r".* in (\d+\.\d s|\d+ s|\d+m\d\ds)", lines[at]), lines[at]
+    assert any(re.fullmatch(r"the distillation: 50% \(1/2 steps\) \| .*, ETA .*", line) for line in lines), lines
+    assert any(re.fullmatch(r"the base model's reading: 50% \(3/6 documents\) \| .*", line) for line in lines)
+    assert any(line.startswith("the fit and the distillation read the first 6 of ") and "--fit-documents 6" in line
+               for line in lines)
+    assert not any("%|" in line for line in caplog.text.splitlines())  # no progress bar drawn in a log
+
+
+def test_no_fit_documents_keeps_the_start_rows_and_reads_nothing(tiny_model_dir, tmp_path, caplog):
+    """`fit_documents=0`: no forward pass, no fit, no distillation; the new rows are the weighted means."""
+    caplog.set_level(logging.INFO)
+    texts = real_abstracts("train", 100)
+    out = tmp_path / "ext"
+    report = igea.extend_vocabulary(str(tiny_model_dir), texts, 30, out, heldout_texts=texts[:5], fit_documents=0)
+    assert report["fit"]["documents"] == report["fit"]["documents_read"] == report["fitted_tokens"] == 0
+    assert report["distillation"] is None and "not fitted, not distilled" in report["init"]
+    assert not any("base model reads" in r.getMessage() or "distilling" in r.getMessage() for r in caplog.records)
+    start, saved = start_model(tiny_model_dir, report), AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(saved.get_input_embeddings().weight, start.get_input_embeddings().weight)
+    assert torch.equal(saved.get_output_embeddings().weight, start.get_output_embeddings().weight)
+
+
+def test_fit_documents_bounds_what_the_fit_and_the_distillation_read(tiny_model_dir, tmp_path, monkeypatch):
+    texts = real_abstracts("train", 100)
+    read = []
+    real = igea.vocab.read_with_base
+    monkeypatch.setattr("igea.vocab.read_with_base", lambda *a, **k: read.append(list(a[3])) or real(*a, **k))
+    report = igea.extend_vocabulary(str(tiny_model_dir), texts, 30, tmp_path / "ext", heldout_texts=texts[:5],
+                                    fit_documents=7)
+    assert read == [texts[:7]]
+    assert report["fit"]["documents"] == 7 and report["fit"]["asked"] == 7
+    assert 0 < report["fit"]["documents_read"] == report["distillation"]["documents"] <= 7
+    assert report["distillation"]["steps"] == math.ceil(report["distillation"]["documents"] / 4)
+    assert 0 < report["fitted_tokens"] <= report["tokens_added"]
+
+
+def test_default_fit_on_a_cpu_shrinks_with_the_model(tiny_model_dir, monkeypatch):
+    """A GPU reads FIT_DOCUMENTS; a CPU as many for a small model, fewer for a large one, fewer still for larger."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert default_fit_documents(model)[0] == FIT_DOCUMENTS
+    sizes = {}
+    for parameters in (135e6, 1e9):
+        monkeypatch.setattr(model, "num_parameters", lambda parameters=parameters: int(parameters))
+        sizes[parameters], why = default_fit_documents(model)
+        assert "CPU" in why and f"{parameters / 1e6:,.0f}M parameters" in why
+    assert FIT_DOCUMENTS > sizes[135e6] > sizes[1e9] >= 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--num-tokens", "0"], "--num-tokens: 0 is not allowed"),
     (["--corpus", "missing/*.txt"], "--corpus: no file matches 'missing/*.txt'"),
     (["--output", "{full}"], "output: directory '{full}' is not empty"),
+    (["--fit-documents", "-1"], "--fit-documents: -1 is not allowed; it must be >= 0"),
+    (["--bits-per-byte-documents", "0"], "--bits-per-byte-documents: 0 is not allowed; it must be at least 1"),
+    (["--device", "banana"], "--device: 'banana' is not a device"),
+    (["--device", "cuda"], "--device: 'cuda' cannot be used: no CUDA device is available here"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(tiny_model_dir, corpus_file, tmp_path, capsys, args, message):
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
+    if args[0] == "--device" and torch.cuda.is_available() and args[1] == "cuda":
+        pytest.skip("this machine has a CUDA device")
     argv = {"--corpus": str(corpus_file), "--num-tokens": "10", "--output": str(tmp_path / "out")}
     argv.update(dict(zip(args[::2], (a.format(full=full) for a in args[1::2]), strict=True)))
     assert main(["vocab", str(tiny_model_dir), *(x for kv in argv.items() for x in kv)]) == 2
@@ -413,6 +499,20 @@ def test_run_builds_the_extended_base_model_once_and_trains_it(tiny_model_dir, c
     assert json.loads((built / REPORT).read_text(encoding="utf-8"))["tokens_added"] == 31
 
 
+def test_run_fits_on_the_documents_its_config_asks_and_rebuilds_when_they_change(tiny_model_dir, corpus_file,
+                                                                                  tmp_path):
+    def extended(fit_documents: int) -> dict:
+        cfg = make_config(tmp_path, tiny_model_dir, corpus_file, model={"extend_vocabulary": {
+            "num_tokens": 20, "fit_documents": fit_documents, "device": "cpu"}})
+        return json.loads((Path(base_model_path(cfg)) / REPORT).read_text(encoding="utf-8"))
+
+    report = extended(0)
+    assert report["fit"]["asked"] == report["fit"]["documents"] == 0 and report["distillation"] is None
+    assert report["fit"]["device"] == "cpu"
+    report = extended(5)
+    assert report["fit"]["documents"] == 5 and report["distillation"]["documents"] <= 5
+
+
 def test_tiny_model_is_built_then_extended(corpus_file, tmp_path):
     shape = {"vocab_size": 300, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
              "num_key_value_heads": 1, "intermediate_size": 32}
@@ -428,6 +528,8 @@ def test_tiny_model_is_built_then_extended(corpus_file, tmp_path):
     ({}, "model.extend_vocabulary: missing required key 'num_tokens'"),
     ({"num_tokens": 5, "tokens": 1}, "unknown key 'model.extend_vocabulary.tokens'"),
     ({"num_tokens": 5, "corpus": "nowhere/*.txt"}, "model.extend_vocabulary.corpus: no file matches"),
+    ({"num_tokens": 5, "fit_documents": -2}, "model.extend_vocabulary.fit_documents: -2 is not allowed; it must be >="),
+    ({"num_tokens": 5, "device": "gpu"}, "model.extend_vocabulary.device: 'gpu' is not allowed; choose cpu, cuda"),
 ])
 def test_config_errors(tiny_model_dir, corpus_file, tmp_path, section, message):
     raw = config_dict(tmp_path / "run", tiny_model_dir, corpus_file, model={"extend_vocabulary": section})

@@ -523,9 +523,18 @@ def add_vocab(commands) -> None:
                         help="text to measure fertility on (default: 5%% of the corpus, left out of the counts)")
     parser.add_argument("--text-column", default="text", help="column of .jsonl/.csv/.parquet files and datasets")
     parser.add_argument("--max-documents", type=int, metavar="N", help="read at most N documents of the corpus")
+    parser.add_argument("--fit-documents", type=int, metavar="N",
+                        help="corpus documents (the first N, up to 512 tokens each) the new rows are fitted and "
+                             "distilled on: a forward pass of the base model and a forward and backward pass of the "
+                             "extended one per document; 0: none, the rows stay weighted means of their pieces' rows "
+                             "(default: 1000 on a GPU; on a CPU fewer for a large model, 101 for 135M parameters)")
     parser.add_argument("--bits-per-byte", action=argparse.BooleanOptionalAction, default=True,
                         help="score the base and the extended (untrained) model in bits per byte on the held-out "
                              "text, to see what the new rows cost before training (default: on)")
+    parser.add_argument("--bits-per-byte-documents", type=int, metavar="N",
+                        help="held-out documents scored for bits per byte, by each model (default: 200; on a CPU no "
+                             "more than the default of --fit-documents)")
+    parser.add_argument("--device", help="where the models run: cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -533,24 +542,29 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from igea.config import DataConfig, ModelConfig
-    from igea.vocab import REPORT, check_output_dir, hold_out, read_texts
+    from igea.progress import timed
+    from igea.vocab import REPORT, check_device, check_output_dir, hold_out, read_texts
 
-    if args.num_tokens < 1:
-        raise IgeaError(f"--num-tokens: {args.num_tokens} is not allowed; it must be at least 1")
-    if args.max_documents is not None and args.max_documents < 1:
-        raise IgeaError(f"--max-documents: {args.max_documents} is not allowed; it must be at least 1")
+    for flag, value, low in (("--num-tokens", args.num_tokens, 1), ("--max-documents", args.max_documents, 1),
+                             ("--fit-documents", args.fit_documents, 0),
+                             ("--bits-per-byte-documents", args.bits_per_byte_documents, 1)):
+        if value is not None and value < low:
+            raise IgeaError(f"{flag}: {value} is not allowed; it must be {f'at least {low}' if low else '>= 0'}")
+    check_device(args.device, "--device")
     check_output_dir(Path(args.output))
     corpus = args.corpus[0] if len(args.corpus) == 1 else args.corpus  # a hub id is a str
     reading = DataConfig(text_column=args.text_column)
-    texts = read_texts(corpus, "--corpus", reading, args.max_documents)
-    if args.heldout:
-        heldout = read_texts(args.heldout[0] if len(args.heldout) == 1 else args.heldout, "--heldout", reading)
-    else:
-        texts, heldout = hold_out(texts)
+    with timed(logging.getLogger("igea.vocab"), f"reading the corpus {corpus}", "corpus read"):
+        texts = read_texts(corpus, "--corpus", reading, args.max_documents)
+        if args.heldout:
+            heldout = read_texts(args.heldout[0] if len(args.heldout) == 1 else args.heldout, "--heldout", reading)
+        else:
+            texts, heldout = hold_out(texts)
     model_config = ModelConfig(name_or_path=args.model, trust_remote_code=args.trust_remote_code)
     report = igea.extend_vocabulary(args.model, texts, args.num_tokens, args.output, heldout_texts=heldout,
                                     measure_bits_per_byte=args.bits_per_byte, model_config=model_config,
-                                    corpus=corpus)
+                                    corpus=corpus, fit_documents=args.fit_documents,
+                                    bits_per_byte_documents=args.bits_per_byte_documents, device=args.device)
     summary = {k: v for k, v in report.items() if k != "new_tokens"}
     summary["first_new_tokens"] = [t["token"] for t in report["new_tokens"][:20]]  # as the vocabulary spells them
     print(json.dumps(summary, indent=2, ensure_ascii=False))

@@ -15,7 +15,8 @@ on why the mean alone is not enough; BENCHMARKS.md measures each step).
 
 from __future__ import annotations
 
-from collections import defaultdict
+import logging
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,18 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from igea.progress import Progress
+
+logger = logging.getLogger(__name__)
+
 FIT_DOCUMENTS = 1000
-"""Corpus documents the base model reads to fit the new output rows (the first ones, up to FIT_CONTEXT tokens)."""
+"""Corpus documents the fit and the distillation read by default on a GPU (the first ones, up to FIT_CONTEXT
+tokens each), and at most by default on a CPU (CPU_BUDGET)."""
+CPU_BUDGET = 7e12
+"""On a CPU, the default fit reads at most this many parameter-tokens (the model's parameters × FIT_CONTEXT × the
+documents), as its cost grows with both: a model up to 13M parameters reads FIT_DOCUMENTS, a 135M-parameter one
+101 (9 minutes on 2 cores for the whole of `igea vocab`; a quarter of the plain mean's untrained penalty on the
+benchmark's model), a 1B one 13 (BENCHMARKS.md, "Domain vocabulary")."""
 FIT_CONTEXT = 512
 """Tokens of each of those documents read (the rest of a longer document is not used)."""
 FIT_OCCURRENCES = 64
@@ -40,6 +51,25 @@ INIT = ("input rows: weighted means of the pieces' rows, each piece twice the on
         "corpus is its chain of pieces' logit in the base model; tied rows: the plain mean, fitted the same way; "
         "then the new rows alone distilled from the base model on the fit documents (no token's log-probability "
         "below its pieces' log-probability in the base model)")
+START_ONLY = ("input rows: weighted means of the pieces' rows, each piece twice the one before it; output rows: "
+              "weighted means, each piece half the one before it; tied rows: the plain mean (no fit documents: not "
+              "fitted, not distilled)")
+
+
+def default_fit_documents(model: PreTrainedModel) -> tuple[int, str]:
+    """How many documents the fit and the distillation read when not told, and why, in words.
+
+    FIT_DOCUMENTS on a GPU. On a CPU, as many as CPU_BUDGET allows for the model's size (at most FIT_DOCUMENTS):
+    a number that depends on the model alone, so that the same command gives the same rows on every CPU.
+    """
+    if model.device.type != "cpu":
+        return FIT_DOCUMENTS, f"the default on {model.device.type}"
+    parameters = model.num_parameters()
+    documents = min(FIT_DOCUMENTS, int(CPU_BUDGET // (parameters * FIT_CONTEXT)))
+    if documents == FIT_DOCUMENTS:
+        return documents, "the default"
+    return documents, (f"the default on a CPU for {parameters / 1e6:,.0f}M parameters: a budget of {CPU_BUDGET:.0e} "
+                       f"parameter-tokens, parameters × {FIT_CONTEXT} × documents; {FIT_DOCUMENTS:,} on a GPU")
 
 
 def piece_weights(count: int, later: bool) -> torch.Tensor:
@@ -121,34 +151,56 @@ def read_with_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, e
     captured: list[torch.Tensor] = []
     hook = None if output is None else output.register_forward_hook(
         lambda module, args, result: captured.append(args[0]))
+    logger.info("the base model reads %d documents (up to %d tokens each) for the fit", len(texts), FIT_CONTEXT)
     try:
-        for text in texts:
-            ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]][:FIT_CONTEXT]
-            if len(ids) < 2:
-                continue
-            captured.clear()
-            logits = model(torch.tensor([ids], device=model.device), use_cache=False).logits[0].float()
-            logp = logits[:-1].log_softmax(-1).gather(1, torch.tensor(ids[1:], device=logits.device)[:, None])[:, 0]
-            merged, targets = [tokenizer.eos_token_id], []
-            position = 1  # of the next base token in `ids`
-            for token in extended(text, add_special_tokens=False)["input_ids"]:
-                chunk = pieces.get(token, [token])
-                end = position + len(chunk)
-                if end > len(ids) or ids[position:end] != chunk:
-                    break  # past FIT_CONTEXT (or not the base segmentation): the rest of the text is not used
-                if token in pieces and captured and len(seen[token]) < FIT_OCCURRENCES:
-                    seen[token].append(captured[0][0, position - 1].float().cpu())
-                    chain[token].append(logits[position - 1, chunk[0]].item() + logp[position:end - 1].sum().item())
-                merged.append(token)
-                targets.append(logp[position - 1:end - 1].sum().item())
-                position = end
-            if targets:
-                documents.append((merged, torch.tensor(targets)))
+        with Progress("the base model's reading", len(texts), "documents", logger=logger) as progress:
+            for text in texts:
+                ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]][:FIT_CONTEXT]
+                if len(ids) >= 2:
+                    captured.clear()
+                    logits = model(torch.tensor([ids], device=model.device), use_cache=False).logits[0].float()
+                    read_document(logits, captured[0][0] if captured else None, ids,
+                                  extended(text, add_special_tokens=False)["input_ids"], pieces, seen, chain, documents)
+                progress.update()
     finally:
         if hook is not None:
             hook.remove()
     contexts = {token: (torch.stack(rows), torch.tensor(chain[token])) for token, rows in seen.items()}
     return BaseReading(contexts, documents)
+
+
+def read_document(logits: torch.Tensor, hidden: torch.Tensor | None, ids: list[int], extended_ids: list[int],
+                  pieces: dict[int, list[int]], seen: dict[int, list[torch.Tensor]], chain: dict[int, list[float]],
+                  documents: list[tuple[list[int], torch.Tensor]]) -> None:
+    """What `read_with_base` keeps of one document: its base `logits` and the output layer's input `hidden` over
+    its base `ids` (an EOS first), followed along its `extended_ids`. The logits and hidden states stay where
+    they are (a GPU) but for the few values kept, fetched at once."""
+    logp = logits[:-1].log_softmax(-1).gather(1, torch.tensor(ids[1:], device=logits.device)[:, None])[:, 0]
+    cumulative = [0.0, *torch.cumsum(logp.double(), 0).tolist()]  # logp[i:j].sum() = cumulative[j] - cumulative[i]
+    merged, targets = [ids[0]], []
+    occurrences: list[tuple[int, int, int, float]] = []  # token, where, its first piece, the other pieces' logp
+    kept: Counter[int] = Counter()
+    position = 1  # of the next base token in `ids`
+    for token in extended_ids:
+        chunk = pieces.get(token, [token])
+        end = position + len(chunk)
+        if end > len(ids) or ids[position:end] != chunk:
+            break  # past FIT_CONTEXT (or not the base segmentation): the rest of the text is not used
+        if token in pieces and hidden is not None and len(seen[token]) + kept[token] < FIT_OCCURRENCES:
+            kept[token] += 1
+            occurrences.append((token, position - 1, chunk[0], cumulative[end - 1] - cumulative[position]))
+        merged.append(token)
+        targets.append(cumulative[end - 1] - cumulative[position - 1])
+        position = end
+    if occurrences:
+        where = torch.tensor([at for _, at, _, _ in occurrences], device=logits.device)
+        first = logits[where, torch.tensor([piece for _, _, piece, _ in occurrences], device=logits.device)]
+        states = hidden[where].float().cpu()
+        for (token, _, _, rest), state, logit in zip(occurrences, states, first.float().tolist(), strict=True):
+            seen[token].append(state)
+            chain[token].append(logit + rest)
+    if targets:
+        documents.append((merged, torch.tensor(targets)))
 
 
 def distil(model: PreTrainedModel, documents: list[tuple[list[int], torch.Tensor]],
@@ -163,8 +215,6 @@ def distil(model: PreTrainedModel, documents: list[tuple[list[int], torch.Tensor
     floor to reach, not a text to learn. Returns the documents, tokens and steps, and the loss of the first
     and last tenth of the steps.
     """
-    from datasets.utils.tqdm import tqdm
-
     matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
                 if m is not None}
     rows = torch.tensor(new_ids, device=model.device)
@@ -179,36 +229,48 @@ def distil(model: PreTrainedModel, documents: list[tuple[list[int], torch.Tensor
         weight.requires_grad_(True)
     order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(0)).tolist()
     losses, tokens = [], 0
+    steps = range(0, len(order), DISTIL_BATCH)
+    logger.info("distilling the new rows on %d documents, %d at a time (%d steps)", len(documents), DISTIL_BATCH,
+                len(steps))
     try:
-        for start in tqdm(range(0, len(order), DISTIL_BATCH), desc="Fitting the new rows", unit=" steps"):
-            batch = [documents[i] for i in order[start:start + DISTIL_BATCH]]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.tensor([ids + [ids[0]] * (width - len(ids)) for ids, _ in batch], device=model.device)
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=model.device)
-            target = torch.zeros(len(batch), width - 1, device=model.device)
-            for i, (_, values) in enumerate(batch):
-                target[i, :len(values)] = values.to(model.device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            counted = mask[:, 1:].float()
-            loss = ((target - logp).clamp_min(0) ** 2 * counted).sum() / counted.sum()
-            loss.backward()
-            for weight, new in trainable:
-                new.grad = weight.grad[rows].float()
-                weight.grad = None
-            optimizer.step()
-            optimizer.zero_grad()
-            with torch.no_grad():
+        with Progress("the distillation", len(steps), "steps", logger=logger) as progress:
+            for start in steps:
+                ids, mask, target = padded([documents[i] for i in order[start:start + DISTIL_BATCH]], model.device)
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+                logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+                counted = mask[:, 1:].float()
+                loss = ((target - logp).clamp_min(0) ** 2 * counted).sum() / counted.sum()
+                loss.backward()
                 for weight, new in trainable:
-                    weight[rows] = new.to(weight.dtype)
-            losses.append(loss.item())
-            tokens += int(counted.sum())
+                    new.grad = weight.grad[rows].float()
+                    weight.grad = None
+                optimizer.step()
+                optimizer.zero_grad()
+                with torch.no_grad():
+                    for weight, new in trainable:
+                        weight[rows] = new.to(weight.dtype)
+                losses.append(loss.item())
+                tokens += int(counted.sum())
+                progress.update()
     finally:
         for parameter, flag in zip(model.parameters(), wanted, strict=True):
             parameter.requires_grad_(flag)
     tenth = max(1, len(losses) // 10)
     return {"documents": len(documents), "tokens": tokens, "steps": len(losses),
             "loss": loss_change(losses[:tenth], losses[-tenth:]) if losses else None}
+
+
+def padded(batch: list[tuple[list[int], torch.Tensor]],
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of `BaseReading.documents` as tensors: the token ids (padded with the first id), the attention
+    mask, and the base model's log-probabilities to reach (0 where padded)."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([ids + [ids[0]] * (width - len(ids)) for ids, _ in batch], device=device)
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
+    target = torch.zeros(len(batch), width - 1, device=device)
+    for i, (_, values) in enumerate(batch):
+        target[i, :len(values)] = values.to(device)
+    return ids, mask, target
 
 
 def loss_change(first: list[float], last: list[float]) -> dict[str, float]:

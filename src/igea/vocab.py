@@ -23,8 +23,10 @@ import logging
 import math
 import re
 import shutil
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from igea.blockstore import HeldOut
 from igea.config import DataConfig, IgeaConfig, ModelConfig, SourceConfig, resolve_local_files
 from igea.data import clean_corpus, load_corpus, split_corpus
-from igea.errors import IgeaError
+from igea.errors import IgeaError, one_line
 from igea.modeling import (
     auto_tokenizer,
     configured_model_path,
@@ -43,8 +45,16 @@ from igea.modeling import (
     load_causal_lm,
     to_device,
 )
-from igea.newrows import FIT_DOCUMENTS, INIT, distil, read_with_base, resize_and_initialise
-from igea.progress import bars_off_in_logs
+from igea.newrows import (
+    INIT,
+    START_ONLY,
+    BaseReading,
+    default_fit_documents,
+    distil,
+    read_with_base,
+    resize_and_initialise,
+)
+from igea.progress import Progress, bars_off_in_logs, duration, timed
 from igea.rundir import share_like_other_files, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -85,6 +95,9 @@ def extend_vocabulary(
     measure_bits_per_byte: bool = False,
     model_config: ModelConfig | None = None,
     corpus: str | list[str] | None = None,
+    fit_documents: int | None = None,
+    bits_per_byte_documents: int | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Add up to `num_tokens` domain tokens learned on `texts` to `model` and save the result in `output_dir`.
 
@@ -93,9 +106,22 @@ def extend_vocabulary(
     the new tokens with their base pieces and corpus counts, and fertility (tokens per word) before and after
     on `heldout_texts` (and, with `measure_bits_per_byte`, the untrained models' bits per byte there).
     `model_config` gives the loading settings (dtype, revision, trust_remote_code); `corpus` is only recorded.
+
+    What it costs: the new rows are fitted and distilled on the first `fit_documents` of `texts` (a forward pass
+    of the base model, a forward and backward pass of the extended one, each document); 0 keeps the rows'
+    start (weighted means of their pieces' rows). By default FIT_DOCUMENTS on a GPU, fewer on a CPU for a large
+    model (`igea.newrows.default_fit_documents`). Bits per byte reads `bits_per_byte_documents` held-out
+    documents with each model (by default BPB_DOCUMENTS, on a CPU no more than the default fit). `device`:
+    where the models run (default: CUDA when available).
     """
     if num_tokens < 1:
         raise IgeaError(f"num_tokens: {num_tokens!r} is not allowed; it must be at least 1")
+    if fit_documents is not None and fit_documents < 0:
+        raise IgeaError(f"fit_documents: {fit_documents!r} is not allowed; it must be >= 0")
+    if bits_per_byte_documents is not None and bits_per_byte_documents < 1:
+        raise IgeaError(f"bits_per_byte_documents: {bits_per_byte_documents!r} is not allowed; it must be at least 1")
+    check_device(device, "device")
+    started = time.monotonic()
     output_dir = Path(output_dir)
     check_output_dir(output_dir)
     model_config = model_config or ModelConfig(name_or_path=model)
@@ -105,25 +131,21 @@ def extend_vocabulary(
     if not merges:
         raise IgeaError(f"the corpus has no pair of pieces that occurs {MIN_COUNT} times inside a word; "
                         "give it more text")
-    lm = to_device(load_causal_lm(model, model_config), None)  # on a GPU when there is one
+    with timed(logger, f"loading {model}", "model loaded"):
+        lm = to_device(load_causal_lm(model, model_config), device)  # on a GPU when there is one
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokens = list(dict.fromkeys(m.token for m in merges))  # two merge rules may make the same token
-    new_ids = save_extended_tokenizer(tokenizer, merges, tokens, tmp)
-    extended = AutoTokenizer.from_pretrained(tmp)
+    with timed(logger, "saving the extended tokenizer", "extended tokenizer saved"):
+        new_ids = save_extended_tokenizer(tokenizer, merges, tokens, tmp)
+        extended = AutoTokenizer.from_pretrained(tmp)
     check_ids(extended, tokens, new_ids)
     pieces = base_pieces(merges)
     piece_ids = [tokenizer.convert_tokens_to_ids(pieces[t]) for t in tokens]
-    by_id = dict(zip(new_ids, piece_ids, strict=True))
-    reading = read_with_base(lm, tokenizer, extended, texts[:FIT_DOCUMENTS], by_id)
-    resize_and_initialise(lm, new_ids, piece_ids, reading.contexts)
-    distilled = distil(lm, reading.documents, new_ids)
-    if distilled["loss"]:
-        logger.info("new rows distilled from %s on %d documents (%d tokens): mean squared shortfall %.3f -> %.3f",
-                    model, distilled["documents"], distilled["tokens"], distilled["loss"]["before"],
-                    distilled["loss"]["after"])
-    lm.save_pretrained(tmp)
-    share_like_other_files(tmp)
+    fit = give_new_rows(lm, tokenizer, extended, texts, new_ids, piece_ids, fit_documents)
+    with timed(logger, f"saving the extended model in {tmp}", "extended model saved"):
+        lm.save_pretrained(tmp)
+        share_like_other_files(tmp)
 
     heldout = list(heldout_texts) if heldout_texts else list(texts)
     report: dict[str, Any] = {
@@ -135,19 +157,24 @@ def extend_vocabulary(
         "tokens_added": len(tokens),
         "vocab_size": {"before": len(tokenizer), "after": len(extended)},
         "embedding_rows": lm.get_input_embeddings().num_embeddings,
-        "init": INIT,
-        "fitted_tokens": len(reading.contexts),
-        "distillation": distilled,
-        "fertility": compare(fertility(tokenizer, heldout), fertility(extended, heldout)),
-        "corpus_tokens": compare(count_tokens(tokenizer, texts), count_tokens(extended, texts)),
+        "init": INIT if fit["distillation"] else START_ONLY,
+        "fit": {key: value for key, value in fit.items() if key not in ("fitted_tokens", "distillation")},
+        "fitted_tokens": fit["fitted_tokens"],
+        "distillation": fit["distillation"],
     }
+    with timed(logger, f"measuring fertility on {len(heldout)} documents and counting the corpus' tokens",
+               "fertility measured"):
+        report["fertility"] = compare(fertility(tokenizer, heldout), fertility(extended, heldout))
+        report["corpus_tokens"] = compare(count_tokens(tokenizer, texts), count_tokens(extended, texts))
     if not heldout_texts:
         report["fertility"]["measured_on"] = "the corpus itself (no held-out text)"
-    if measure_bits_per_byte:  # on a GPU when there is one
-        sample = heldout[:BPB_DOCUMENTS]
-        after = bits_per_byte(lm, extended, sample)
+    if measure_bits_per_byte:
+        wanted = bits_per_byte_documents or max(1, min(BPB_DOCUMENTS, fit["default"]))
+        sample = heldout[:wanted]
+        after = bits_per_byte(lm, extended, sample, label="bits per byte, extended model")
         del lm
-        before = bits_per_byte(to_device(load_causal_lm(model, model_config), None), tokenizer, sample)
+        base = to_device(load_causal_lm(model, model_config), device)
+        before = bits_per_byte(base, tokenizer, sample, label="bits per byte, base model")
         report["bits_per_byte"] = compare(before, after)
         report["bits_per_byte"]["documents"] = len(sample)
     counts = Counter()
@@ -161,9 +188,55 @@ def extend_vocabulary(
     if output_dir.exists():
         output_dir.rmdir()  # empty: check_output_dir said so
     tmp.replace(output_dir)
-    logger.info("added %d tokens to %s: fertility %.3f -> %.3f tokens per word; saved in %s", len(tokens), model,
-                report["fertility"]["before"], report["fertility"]["after"], output_dir)
+    logger.info("added %d tokens to %s: fertility %.3f -> %.3f tokens per word; saved in %s (in %s)", len(tokens),
+                model, report["fertility"]["before"], report["fertility"]["after"], output_dir,
+                duration(time.monotonic() - started))
     return report
+
+
+def give_new_rows(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, extended: PreTrainedTokenizerBase,
+                  texts: Sequence[str], new_ids: list[int], piece_ids: list[list[int]],
+                  fit_documents: int | None) -> dict[str, Any]:
+    """Grow `lm` for the new tokens and give their rows a start, fitted and distilled on the first documents of
+    `texts` (`fit_documents`, else the default for the model and its device: igea.newrows). Returns what was
+    done: the documents asked, chosen and read, why, the device, the tokens fitted and the distillation."""
+    default, why = default_fit_documents(lm)
+    documents = min(default if fit_documents is None else fit_documents, len(texts))
+    if fit_documents is not None:
+        why = f"--fit-documents {fit_documents}"
+    if documents:
+        logger.info("the fit and the distillation read the first %d of %d documents on %s (%s; --fit-documents / "
+                    "fit_documents sets it, 0 for none)", documents, len(texts), lm.device.type, why)
+    else:
+        logger.info("no fit and no distillation (%s): the new rows stay the weighted means of their pieces' rows",
+                    why)
+    reading = BaseReading({}, [])
+    if documents:
+        pieces = dict(zip(new_ids, piece_ids, strict=True))
+        reading = read_with_base(lm, tokenizer, extended, texts[:documents], pieces)
+    with timed(logger, f"the ridge fit: giving the {len(new_ids)} new tokens their rows ({len(reading.contexts)} "
+                       "fitted where they occur)", "new rows ready"):
+        resize_and_initialise(lm, new_ids, piece_ids, reading.contexts)
+    distilled = distil(lm, reading.documents, new_ids) if reading.documents else None
+    if distilled and distilled["loss"]:
+        logger.info("new rows distilled on %d documents (%d tokens): mean squared shortfall %.3f -> %.3f",
+                    distilled["documents"], distilled["tokens"], distilled["loss"]["before"],
+                    distilled["loss"]["after"])
+    return {"documents": documents, "asked": fit_documents, "default": default, "why": why,
+            "documents_read": len(reading.documents), "device": lm.device.type,
+            "fitted_tokens": len(reading.contexts), "distillation": distilled}
+
+
+def check_device(device: str | None, key: str) -> None:
+    """A device torch knows and this machine has (checked before any long work)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise IgeaError(f"{key}: {device!r} is not a device ({one_line(str(err))}); choose cpu or cuda") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise IgeaError(f"{key}: {device!r} cannot be used: no CUDA device is available here; choose cpu")
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -203,15 +276,18 @@ def words(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
     return [word for part, _ in parts for word in WORD_START.split(part) if word]
 
 
-def word_counts(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> Counter[str]:
-    """How often each word (see `words`) occurs in `texts`."""
+def word_counts(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str],
+                progress: Progress | None = None) -> Counter[str]:
+    """How often each word (see `words`) occurs in `texts` (a document counted in `progress` when given)."""
     counts: Counter[str] = Counter()
     for text in texts:
         counts.update(words(tokenizer, text))
+        if progress is not None:
+            progress.update()
     return counts
 
 
-def learn_merges(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], num_tokens: int) -> list[Merge]:
+def learn_merges(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], num_tokens: int) -> list[Merge]:
     """Continue the tokenizer's BPE on `texts`: merges that create up to `num_tokens` new tokens.
 
     Words start as the base tokenizer segments them; at each step the adjacent pair of pieces that occurs
@@ -220,12 +296,23 @@ def learn_merges(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], num_t
     first, decide where those tokens appear. Two pairs may make the same new token (two merge rules, one
     token). Stops early when no pair occurs `MIN_COUNT` times.
     """
+    logger.info("counting the words of %d documents", len(texts))
+    with Progress("counting words", len(texts), "documents", logger=logger) as progress:
+        counts = word_counts(tokenizer, texts, progress)
+    logger.info("corpus: %d distinct words, %d word occurrences; learning up to %d merges", len(counts),
+                counts.total(), num_tokens)
+    with Progress("learning merges", num_tokens, "tokens", logger=logger) as progress:
+        merges = _learn_merges(tokenizer, counts, num_tokens, progress)
+    return merges
+
+
+def _learn_merges(tokenizer: PreTrainedTokenizerBase, counts: Counter[str], num_tokens: int,
+                  progress: Progress) -> list[Merge]:
+    """`learn_merges` on the corpus' word counts; each new token counted in `progress`."""
     backend = tokenizer.backend_tokenizer
     vocab = backend.get_vocab(with_added_tokens=True)
-    counts = word_counts(tokenizer, texts)
     words = [[t.value for t in backend.model.tokenize(w)] for w in counts]
     freqs = list(counts.values())
-    logger.info("corpus: %d distinct words, %d word occurrences", len(words), sum(freqs))
 
     def mergeable(pair: tuple[str, str]) -> bool:
         left, right = pair
@@ -252,6 +339,8 @@ def learn_merges(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], num_t
         if -negative < MIN_COUNT or (token not in new_tokens and len(new_tokens) == num_tokens):
             break
         merges.append(Merge(pair[0], pair[1], token, -negative))
+        if token not in new_tokens:
+            progress.update()
         new_tokens.add(token)
         changed: set[tuple[str, str]] = set()
         for i in where.pop(pair):
@@ -352,27 +441,34 @@ def fertility(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> float
 
 
 @torch.inference_mode()
-def bits_per_byte(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> float:
+def bits_per_byte(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                  label: str | None = None) -> float:
     """Total negative log-likelihood of `texts` in bits over their UTF-8 bytes: comparable across tokenizers.
 
     Each text is scored on its own after an EOS token (the boundary igea trains with), every one of its
     tokens predicted. A text longer than the model's context is scored in overlapping windows, each token
-    seeing at least half a context of history.
+    seeing at least half a context of history. With a `label`, the work says when it starts, how far it is
+    and when it ends (igea.progress).
     """
     model.eval()
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     nll, size = 0.0, 0
-    for text in texts:
-        ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
-        size += len(text.encode("utf-8"))
-        done = 1  # ids[0] is context only
-        while done < len(ids):
-            end = min(len(ids), done + (context - 1 if done == 1 else context // 2))
-            start = max(0, end - context)
-            window = torch.tensor([ids[start:end]], device=model.device)
-            logits = model(window, use_cache=False).logits[0, done - start - 1:end - start - 1].float()
-            nll += torch.nn.functional.cross_entropy(logits, window[0, done - start:], reduction="sum").item()
-            done = end
+    if label:
+        logger.info("%s: scoring %d documents", label, len(texts))
+    with Progress(label, len(texts), "documents", logger=logger) if label else nullcontext() as progress:
+        for text in texts:
+            ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+            size += len(text.encode("utf-8"))
+            done = 1  # ids[0] is context only
+            while done < len(ids):
+                end = min(len(ids), done + (context - 1 if done == 1 else context // 2))
+                start = max(0, end - context)
+                window = torch.tensor([ids[start:end]], device=model.device)
+                logits = model(window, use_cache=False).logits[0, done - start - 1:end - start - 1].float()
+                nll += torch.nn.functional.cross_entropy(logits, window[0, done - start:], reduction="sum").item()
+                done = end
+            if progress is not None:
+                progress.update()
     return nll / math.log(2) / max(size, 1)
 
 
@@ -451,7 +547,8 @@ def ensure_extended_model(cfg: IgeaConfig) -> Path:
     with PartialState().main_process_first():
         if (target / REPORT).is_file():
             report = json.loads((target / REPORT).read_text(encoding="utf-8"))
-            if {key: report.get(key) for key in settings} == settings:
+            asked = report.get("fit", {}).get("asked")  # None: the default, whatever it came to on that device
+            if {key: report.get(key) for key in settings} == settings and asked == ext.fit_documents:
                 return target
             if PartialState().is_main_process:
                 logger.info("%s was built with other model.extend_vocabulary settings: building it again", target)
@@ -462,5 +559,5 @@ def ensure_extended_model(cfg: IgeaConfig) -> Path:
         logger.info("extending the vocabulary of %s with %d tokens learned on %d documents", source,
                     ext.num_tokens, len(texts))
         extend_vocabulary(source, texts, ext.num_tokens, target, heldout_texts=heldout, model_config=cfg.model,
-                          corpus=ext.corpus)
+                          corpus=ext.corpus, fit_documents=ext.fit_documents, device=ext.device)
     return target

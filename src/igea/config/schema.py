@@ -85,6 +85,10 @@ class TinyModelConfig(Section):
             )
 
 
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+"""Devices a config may name for work igea runs outside training (the vocabulary's fit)."""
+
+
 @dataclass
 class ExtendVocabularyConfig(Section):
     """New tokens for the corpus' frequent words that the base tokenizer splits into pieces (igea.vocab).
@@ -97,10 +101,15 @@ class ExtendVocabularyConfig(Section):
     num_tokens: int  # how many tokens to add (new BPE merges learned on the corpus)
     corpus: str | list[str] | None = None  # files, globs, directories or a hub id; default: the run's training split
     max_documents: int | None = None  # read at most this many documents of the corpus
+    fit_documents: int | None = None  # documents the new rows are fitted and distilled on; 0: none; default: sized
+    device: str | None = None  # where the fit runs: cpu, cuda, cuda:N; default: cuda when available
 
     def check(self) -> None:
         _at_least(self, "num_tokens", 1)
         _at_least(self, "max_documents", 1)
+        _at_least(self, "fit_documents", 0)
+        if self.device is not None and not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"{self.KEY}.device: {show(self.device)} is not allowed; choose cpu, cuda or cuda:N")
         if self.corpus is not None:
             resolve_local_files(self.corpus, f"{self.KEY}.corpus")
 
