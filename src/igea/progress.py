@@ -92,7 +92,8 @@ class Progress:
             self.bar.update(n)
             return
         now = time.monotonic()
-        if now - self.last_line >= self.every:
+        per_unit = (now - self.started) / self.done if self.done else 0.0
+        if now - self.last_line + per_unit >= self.every:  # the next update would come too late: say it now
             self.last_line = now
             self.logger.info("%s: %s", self.what, self.position(now))
 
