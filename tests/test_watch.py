@@ -242,3 +242,20 @@ def test_the_api_writes_no_progress_bar_into_a_pipe(tmp_path):
                           text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr and "Loading weights" not in done.stderr and "it/s" not in done.stderr
+
+
+def test_progress_says_percent_elapsed_and_eta_before_a_gap_of_30_seconds(monkeypatch, caplog):
+    from igea.progress import Progress, duration
+
+    now = iter([0.0, 12.0, 24.0, 36.0, 48.0, 48.0])  # made, four units of 12 s each, closed
+    monkeypatch.setattr("igea.progress.time.monotonic", lambda: next(now))
+    caplog.set_level(logging.INFO)
+    with Progress("reading", 8, "documents", logger=logging.getLogger("igea.test")) as progress:
+        for _ in range(4):
+            progress.update()
+    said = [r.getMessage() for r in caplog.records]
+    # at 24 s the next unit would end past 30 s without a line: the line comes then, and again 24 s later
+    assert said == ["reading: 25% (2/8 documents) | 24 s, ETA 1m12s", "reading: 50% (4/8 documents) | 48 s, ETA 48 s",
+                    "reading: done in 48 s"]
+    assert [duration(s) for s in (0.04, 9.96, 42, 178, 3720, 147600)] == ["0.0 s", "10.0 s", "42 s", "2m58s",
+                                                                         "1h02m", "1d17h"]
