@@ -13,9 +13,9 @@ vocabulary is a large share of the evaluation. The sides run interleaved; the fa
 speed (as `timeit` does), the median is printed beside it. The losses must agree (1e-4 with run_clm's
 mean of per-batch means, 1e-6 among igea's evaluations) and the accuracies must be equal.
 
-`--load N` times all of it with N neighbour processes on the cores (each a one-thread loop of float32
-matmuls, started before the first run and stopped after the last): a machine shared with other jobs, made
-reproducible. Every op on a CPU is a parallel region whose threads wait for each other at its end, and a
+`--load N` times all of it with N neighbour processes on the cores (each a loop of float32 matmuls on a
+thread per core, started before the first run and stopped after the last): a machine shared with other jobs,
+made reproducible. Every op on a CPU is a parallel region whose threads wait for each other at its end, and a
 thread the scheduler has put aside makes that wait long, so an evaluation of many small ops suffers most.
 
     python bench/bench_eval.py           # 136 blocks of 128, batch 8, hidden 128, vocab 32768, 3 runs each
@@ -135,14 +135,17 @@ def igea_eval_evaluate(model, blocks, args: argparse.Namespace, work: Path) -> d
 
 
 NEIGHBOUR = """
+import os
 import torch
-torch.set_num_threads(1)
+torch.set_num_threads(os.cpu_count())
 a = torch.randn(1024, 1024)
 print("ready", flush=True)
 while True:
     a @ a
 """
-"""A neighbour job for `--load`: one thread of float32 matmuls (compute, and 12 MiB of operands in the caches)."""
+"""A neighbour job for `--load`: float32 matmuls on a thread per core, as a torch job (a test, a training run)
+runs by default. One-thread neighbours hurt far less: they keep the cores busy, but no thread of theirs waits
+for another, so the scheduler does not keep swapping threads in and out."""
 
 
 def start_neighbours(count: int) -> list[subprocess.Popen]:
@@ -176,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (torch.set_num_threads)")
     parser.add_argument("--load", type=int, default=0, metavar="N",
-                        help="N neighbour processes (one-thread matmul loops) on the cores during the timing")
+                        help="N neighbour processes (matmul loops, a thread per core) on the cores during the timing")
     parser.add_argument("--quick", action="store_true", help="16 blocks of 64, one run (for CI)")
     args = parser.parse_args(argv)
     if args.quick:
