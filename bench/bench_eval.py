@@ -13,7 +13,15 @@ vocabulary is a large share of the evaluation. The sides run interleaved; the fa
 speed (as `timeit` does), the median is printed beside it. The losses must agree (1e-4 with run_clm's
 mean of per-batch means, 1e-6 among igea's evaluations) and the accuracies must be equal.
 
+`--load N` times all of it with N neighbour processes on the cores (each a loop of float32 matmuls on a
+thread per core, started before the first run and stopped after the last): a machine shared with other jobs,
+made reproducible. Every op on a CPU is a parallel region whose threads wait for each other at its end, and a
+thread the scheduler has put aside makes that wait long, so an evaluation of many small ops suffers most.
+
     python bench/bench_eval.py           # 136 blocks of 128, batch 8, hidden 128, vocab 32768, 3 runs each
+    python bench/bench_eval.py --hidden-size 576 --layers 30 --vocab-size 49152 --blocks 48 --threads 2
+                                         # the shape of a 135M-parameter Llama (SmolLM-135M's vocabulary)
+    python bench/bench_eval.py --load 2  # the default shape with two neighbour processes on the cores
     python bench/bench_eval.py --quick   # 16 blocks of 64, a few seconds (CI)
 """
 
@@ -21,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -124,6 +134,36 @@ def igea_eval_evaluate(model, blocks, args: argparse.Namespace, work: Path) -> d
     return held_out_metrics(model, blocks, args.batch_size)
 
 
+NEIGHBOUR = """
+import os
+import torch
+torch.set_num_threads(os.cpu_count())
+a = torch.randn(1024, 1024)
+print("ready", flush=True)
+while True:
+    a @ a
+"""
+"""A neighbour job for `--load`: float32 matmuls on a thread per core, as a torch job (a test, a training run)
+runs by default. One-thread neighbours hurt far less: they keep the cores busy, but no thread of theirs waits
+for another, so the scheduler does not keep swapping threads in and out."""
+
+
+def start_neighbours(count: int) -> list[subprocess.Popen]:
+    """`count` neighbour processes, each busy once this returns."""
+    neighbours = [subprocess.Popen([sys.executable, "-c", NEIGHBOUR], stdout=subprocess.PIPE, text=True)
+                  for _ in range(count)]
+    for neighbour in neighbours:
+        neighbour.stdout.readline()
+    return neighbours
+
+
+def stop_neighbours(neighbours: list[subprocess.Popen]) -> None:
+    for neighbour in neighbours:
+        neighbour.kill()
+        neighbour.wait()
+        neighbour.stdout.close()
+
+
 SIDES = {"run_clm": run_clm_evaluate, "igea": igea_evaluate, "igea_eval": igea_eval_evaluate,
          "igea_previous": igea_previous_evaluate}
 
@@ -138,6 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (torch.set_num_threads)")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="N neighbour processes (matmul loops, a thread per core) on the cores during the timing")
     parser.add_argument("--quick", action="store_true", help="16 blocks of 64, one run (for CI)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -152,25 +194,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seconds: dict[str, list[float]] = {name: [] for name in SIDES}
     results: dict[str, dict[str, float]] = {}
     model = build_model(args)
+    load_average = [round(os.getloadavg()[0], 2)]
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         blocks = random_blocks(args.vocab_size, args.block_size, args.blocks, "blocks", str(work / "data"))
-        for _ in range(args.repeats):  # interleaved, so a busy moment on a shared machine hits every side
-            for name, evaluate in SIDES.items():
-                start = time.perf_counter()
-                results[name] = evaluate(model, blocks, args, work)
-                seconds[name].append(time.perf_counter() - start)
-    return report(args, seconds, results)
+        neighbours = start_neighbours(args.load)
+        try:
+            for _ in range(args.repeats):  # interleaved, so a busy moment on a shared machine hits every side
+                for name, evaluate in SIDES.items():
+                    start = time.perf_counter()
+                    results[name] = evaluate(model, blocks, args, work)
+                    seconds[name].append(time.perf_counter() - start)
+        finally:
+            stop_neighbours(neighbours)
+    load_average.append(round(os.getloadavg()[0], 2))
+    params = sum(p.numel() for p in model.parameters())
+    return report(args, seconds, results, {"params": params, "load": args.load, "load_average": load_average})
 
 
-def report(args: argparse.Namespace, seconds: dict[str, list[float]], results: dict[str, dict]) -> dict[str, Any]:
+def report(args: argparse.Namespace, seconds: dict[str, list[float]], results: dict[str, dict],
+           setting: dict[str, Any]) -> dict[str, Any]:
     best = {name: min(values) for name, values in seconds.items()}
     median = {name: statistics.median(values) for name, values in seconds.items()}
     igea_losses = [results[name]["loss"] for name in ("igea", "igea_eval", "igea_previous")]
     result = {
         "benchmark": "eval", "blocks": args.blocks, "block_size": args.block_size, "batch_size": args.batch_size,
         "hidden_size": args.hidden_size, "layers": args.layers, "vocab_size": args.vocab_size,
-        "repeats": args.repeats, "threads": args.threads,
+        "repeats": args.repeats, "threads": args.threads, **setting,
         **{f"{name}_s": round(best[name], 3) for name in SIDES},
         "ratio": round(best["run_clm"] / best["igea"], 3),
         "median_ratio": round(median["run_clm"] / median["igea"], 3),

@@ -86,6 +86,22 @@ def test_the_nll_equals_the_previous_formula_and_leaves_the_logits_unchanged(dty
     torch.testing.assert_close(nll, expected_nll, rtol=1e-6, atol=1e-6)
 
 
+def test_a_batch_of_a_real_vocabulary_is_scored_in_a_few_large_ops_on_a_cpu(monkeypatch):
+    """Each op on a CPU ends with its threads waiting for each other, long when other jobs hold the cores: a
+    batch is scored many rows at a time, not a megabyte (5 rows of 49,152) at a time."""
+    calls, original = [], torch.log_softmax
+    monkeypatch.setattr(torch, "log_softmax", lambda x, *a, **k: calls.append(len(x)) or original(x, *a, **k))
+    torch.manual_seed(0)
+    logits = torch.randn(3, 128, 49152)
+    labels = torch.randint(0, 49152, (3, 128))
+    predictions, nll = argmax_and_nll(logits, labels)
+
+    assert calls == [85, 85, 85, 85, 44]  # 2**22 logits (16 MiB of float32) at a time, not 5 rows
+    expected = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none").sum(dim=-1)
+    torch.testing.assert_close(nll, expected, rtol=1e-6, atol=1e-4)
+    assert torch.equal(predictions, logits.argmax(dim=-1))
+
+
 @pytest.fixture(scope="module")
 def document_blocks(tmp_path_factory, tiny_model_dir, corpus_file):
     """Blocks of 32 tokens packed by document from the abstracts' sentences: many document starts."""
