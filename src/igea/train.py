@@ -370,8 +370,6 @@ def save_run(trainer: Trainer, cfg: IgeaConfig, metrics: dict[str, Any], start: 
 def mark_finished(cfg: IgeaConfig, result: RunResult, start: RunStart) -> None:
     """Write `igea_run.json`, the marker of a finished run: config, versions, layout, metrics, and each resume
     (with the settings it changed, and the config the run started with when any did); the status says so."""
-    if start.status is not None:
-        start.status.ended("finished")
     started = start_record(cfg.output_dir)
     resumes = started.get("resumes", [])
     write_json_atomic(cfg.output_dir / RUN_MARKER, {
@@ -379,6 +377,8 @@ def mark_finished(cfg: IgeaConfig, result: RunResult, start: RunStart) -> None:
         "metrics": result.metrics, "started": started.get("started"), "resumes": resumes,
         "started_with": started.get("config") if any(r.get("changes") for r in resumes) else None,
     })
+    if start.status is not None:  # once the marker is there: a run whose marker failed is not called finished
+        start.status.ended("finished")
 
 
 def framework_versions() -> dict[str, str]:
