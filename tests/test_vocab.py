@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, MistralConfig, MistralForCausalLM
 
@@ -511,6 +512,22 @@ def test_run_fits_on_the_documents_its_config_asks_and_rebuilds_when_they_change
     assert report["fit"]["device"] == "cpu"
     report = extended(5)
     assert report["fit"]["documents"] == 5 and report["distillation"]["documents"] <= 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_run_whose_fit_device_is_missing_names_the_config_key(tiny_model_dir, corpus_file, tmp_path, capsys):
+    """`model.extend_vocabulary.device: cuda` on a machine without one: one line naming the config's key (not the
+    CLI's `device`), before the corpus is read or an extended model is begun."""
+    raw = config_dict(tmp_path / "run", tiny_model_dir, corpus_file,
+                      model={"extend_vocabulary": {"num_tokens": 20, "device": "cuda"}})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == ("igea: error: model.extend_vocabulary.device: 'cuda' cannot be used: no CUDA "
+                                    "device is available here; choose cpu")
+    assert "extending the vocabulary" not in err
+    assert not (tmp_path / "run" / "base-model-extended").exists()
 
 
 def test_tiny_model_is_built_then_extended(corpus_file, tmp_path):

@@ -541,6 +541,7 @@ def ensure_extended_model(cfg: IgeaConfig) -> Path:
     from accelerate import PartialState
 
     ext = cfg.model.extend_vocabulary
+    check_device(ext.device, f"{ext.KEY}.device")  # before the corpus is read: the error names the config's key
     target = cfg.output_dir / EXTENDED_DIR
     source = configured_model_path(cfg)
     settings = {"base_model": source, "num_tokens": ext.num_tokens, "corpus": ext.corpus}
