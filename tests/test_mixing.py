@@ -22,6 +22,7 @@ from igea.blockstore import document_ids
 from igea.cli import main
 from igea.config import GENERAL_TEXT, ConfigError, sample_corpus_path, shipped_corpus_path
 from igea.data import mixture_plan, prepare_dataset, report_mixture_plan
+from igea.errors import IgeaError
 from igea.train import report_mixture
 from igea.trainer import build_trainer
 
@@ -305,6 +306,19 @@ def test_replay_capped_in_documents_holds_out_its_share_from_them(tiny_model_dir
     lengths, _ = replay_ids(cfg, texts)
     train_tokens = data.stats["train"]["sources"]["general"]["tokens"]
     assert train_tokens + sets["general"]["tokens"] == lengths[:20].sum()  # the first 20 documents, no other
+
+
+def test_a_token_cap_below_the_first_document_is_one_error_naming_it(tiny_model_dir, halves, hub_shaped, tmp_path):
+    """A cap that holds no whole document would leave the source empty (and the error would blame the held-out
+    split): one error names the source's max_tokens and the first document's length."""
+    folder, texts = hub_shaped
+    with pytest.raises(IgeaError) as caught:
+        replay_mixture(tmp_path, tiny_model_dir, halves[0], folder, {"max_tokens": BLOCK}, validation_split=1)
+    cfg = make_config(tmp_path, tiny_model_dir, halves[0])
+    first = int(replay_ids(cfg, texts[:1])[0][0])
+    assert first > BLOCK
+    assert str(caught.value) == (f"data.sources[1].max_tokens: {BLOCK} holds no whole document: the corpus' first "
+                                 f"has {first} tokens; raise it (it keeps the first whole documents within the cap)")
 
 
 def test_streamed_replay_starts_over_at_its_token_cap_and_keeps_its_weight(tiny_model_dir, halves, hub_shaped,

@@ -212,11 +212,13 @@ class HeldOut:
 
 
 def build_blocks(batches: Iterable[list[str]], encoder: DocumentEncoder, out_dir: Path, *, block_size: int,
-                 packing: str, held_out: HeldOut, num_proc: int = 1, max_tokens: int | None = None) -> dict[str, Any]:
+                 packing: str, held_out: HeldOut, num_proc: int = 1, max_tokens: int | None = None,
+                 cap_key: str = "max_tokens") -> dict[str, Any]:
     """Tokenize `batches` of documents and write their blocks into `out_dir`; return the counts.
 
     First pass: every document's ids go, in order, to a flat token file (and its length to a length file); with
-    `max_tokens`, reading stops at the last whole document within that many tokens (a large corpus drawn in part).
+    `max_tokens`, reading stops at the last whole document within that many tokens (a large corpus drawn in part;
+    a cap below the first document is one error naming `cap_key`).
     Second pass: the documents `held_out.mask(n)` picks go to the held-out split, the others are kept, and each
     side is cut into `block_size` blocks; the two flat files are then deleted.
     """
@@ -229,6 +231,11 @@ def build_blocks(batches: Iterable[list[str]], encoder: DocumentEncoder, out_dir
         for lengths, ids in encoded:
             if max_tokens is not None and tokens + len(ids) >= max_tokens:
                 fit = int(np.searchsorted(np.cumsum(lengths, dtype=np.int64), max_tokens - tokens, side="right"))
+                if documents + fit == 0:
+                    encoded.close()
+                    raise IgeaError(f"{cap_key}: {max_tokens:,} holds no whole document: the corpus' first has "
+                                    f"{int(lengths[0]):,} tokens; raise it (it keeps the first whole documents "
+                                    "within the cap)")
                 lengths, ids = lengths[:fit], ids[:int(lengths[:fit].sum())]
                 capped = True
             token_file.write(ids.data)

@@ -57,6 +57,7 @@ from igea.config import (
     data_sources,
     resolve_local_files,
     source_name,
+    source_names,
     split_sources,
 )
 from igea.errors import IgeaError
@@ -240,11 +241,19 @@ def prepare_corpus(d: DataConfig, source: SourceConfig, tokenizer: PreTrainedTok
         encoder.check(first[:16])
         return build_blocks(chain([first], batches), encoder, directory, block_size=d.block_size,
                             packing=d.packing, held_out=held_out, num_proc=d.num_proc or 1,
-                            max_tokens=source.max_tokens)
+                            max_tokens=source.max_tokens,
+                            cap_key=max_tokens_key(d, source))
 
     prepared = open_or_build(prepared_root(d), cache_key(settings), settings, build)
     logger.info("%s: %s blocks in %s", source_name(source), prepared.cache, prepared.path)
     return prepared
+
+
+def max_tokens_key(d: DataConfig, source: SourceConfig) -> str:
+    """The config key of `source`'s `max_tokens`, for an error: `data.sources[1].max_tokens`."""
+    names = source_names(d)
+    name = source_name(source)
+    return f"data.sources[{names.index(name)}].max_tokens" if name in names else "max_tokens"
 
 
 def document_limit(d: DataConfig, source: SourceConfig) -> int | None:
