@@ -322,10 +322,14 @@ def test_a_token_cap_below_the_first_document_is_one_error_naming_it(tiny_model_
 
 
 def test_streamed_replay_starts_over_at_its_token_cap_and_keeps_its_weight(tiny_model_dir, halves, hub_shaped,
-                                                                           tmp_path):
+                                                                           tmp_path, caplog):
     folder, texts = hub_shaped
-    cfg, data = replay_mixture(tmp_path, tiny_model_dir, halves[0], folder, {"max_tokens": 1000}, weights=(0.7, 0.3),
-                               streaming=True, shuffle_buffer=8)
+    with caplog.at_level("INFO", logger="igea.data"):
+        cfg, data = replay_mixture(tmp_path, tiny_model_dir, halves[0], folder, {"max_tokens": 1000},
+                                   weights=(0.7, 0.3), streaming=True, shuffle_buffer=8)
+    assert [r.getMessage() for r in caplog.records if "streamed in passes" in r.getMessage()] == [
+        f"general: streamed in passes of its first {1000 // BLOCK} blocks (max_tokens 1,000 // data.block_size "
+        f"{BLOCK}), each pass in a new order"]  # the cap is said once, for the capped source only
     rows = list(islice(data.train, 600))
     general = [tuple(r["input_ids"]) for r in rows if r["source"] == 1]
     _, ids = replay_ids(cfg, texts)

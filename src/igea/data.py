@@ -129,6 +129,11 @@ def prepare_dataset(cfg: IgeaConfig, tokenizer: PreTrainedTokenizerBase) -> Prep
     train = BlockStream(train_parts, names, [s.weight for s in sources], tokenizer, d, seed,
                         explain=lambda index: explained_errors(d, sources[index]),
                         max_tokens=[s.max_tokens for s in sources])
+    for name, source in zip(names, sources, strict=True):
+        if source.max_tokens is not None:
+            logger.info("%s: streamed in passes of its first %s blocks (max_tokens %s // data.block_size %d), each "
+                        "pass in a new order", name, f"{source.max_tokens // d.block_size:,}",
+                        f"{source.max_tokens:,}", d.block_size)
     stats = {"train": {"streaming": True, "sources": names, **({"mix": d.mix} if len(sources) > 1 else {})},
              **held_out_stats(sets, d)}
     return PreparedData(train, {name: blocks for name, (blocks, _) in sets.items()}, stats)
