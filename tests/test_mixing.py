@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -306,6 +307,23 @@ def test_replay_capped_in_documents_holds_out_its_share_from_them(tiny_model_dir
     lengths, _ = replay_ids(cfg, texts)
     train_tokens = data.stats["train"]["sources"]["general"]["tokens"]
     assert train_tokens + sets["general"]["tokens"] == lengths[:20].sum()  # the first 20 documents, no other
+
+
+def test_a_token_capped_read_shows_its_progress_in_the_caps_tokens(tiny_model_dir, halves, hub_shaped, tmp_path,
+                                                                   caplog, monkeypatch):
+    """A corpus read up to max_tokens counts its progress in the cap's tokens: its own documents, most of them never
+    read, would give a percent that stops short and an ETA far too long. An uncapped source counts documents."""
+    monkeypatch.setattr("igea.progress.PROGRESS_SECONDS", 0.0)  # a line at each update
+    folder, _ = hub_shaped
+    with caplog.at_level("INFO", logger="igea"):
+        replay_mixture(tmp_path, tiny_model_dir, halves[0], folder, {"max_tokens": 3000},
+                       cache_dir=str(tmp_path / "cache"))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("igea")]
+    capped = [line for line in lines if line.startswith("tokenizing within data.sources[1].max_tokens: ")]
+    assert capped and all(re.fullmatch(r"tokenizing within data\.sources\[1\]\.max_tokens: \d+% \([\d,]+/3,000 "
+                                       r"tokens\) \| .*, ETA .*", line) for line in capped), capped
+    assert not any(line.startswith("general: reading: ") for line in lines)
+    assert any(line.startswith("biomed: reading: ") for line in lines)
 
 
 def test_a_token_cap_below_the_first_document_is_one_error_naming_it(tiny_model_dir, halves, hub_shaped, tmp_path):

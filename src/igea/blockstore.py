@@ -34,6 +34,7 @@ from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
 from igea.errors import IgeaError
+from igea.progress import Progress
 from igea.rundir import process_alive
 
 logger = logging.getLogger(__name__)
@@ -218,7 +219,8 @@ def build_blocks(batches: Iterable[list[str]], encoder: DocumentEncoder, out_dir
 
     First pass: every document's ids go, in order, to a flat token file (and its length to a length file); with
     `max_tokens`, reading stops at the last whole document within that many tokens (a large corpus drawn in part;
-    a cap below the first document is one error naming `cap_key`).
+    a cap below the first document is one error naming `cap_key`; the progress counts the cap's tokens, as the
+    corpus' documents would overstate what is left).
     Second pass: the documents `held_out.mask(n)` picks go to the held-out split, the others are kept, and each
     side is cut into `block_size` blocks; the two flat files are then deleted.
     """
@@ -227,12 +229,15 @@ def build_blocks(batches: Iterable[list[str]], encoder: DocumentEncoder, out_dir
     documents = tokens = 0
     capped = False
     encoded = encode_batches(encoder, batches, num_proc)
+    progress = None if max_tokens is None else Progress(f"tokenizing within {cap_key}", max_tokens, "tokens",
+                                                        logger=logger, say_done=False)
     with open(tokens_path, "wb") as token_file, open(lengths_path, "wb") as length_file:
         for lengths, ids in encoded:
             if max_tokens is not None and tokens + len(ids) >= max_tokens:
                 fit = int(np.searchsorted(np.cumsum(lengths, dtype=np.int64), max_tokens - tokens, side="right"))
                 if documents + fit == 0:
                     encoded.close()
+                    progress.close()
                     raise IgeaError(f"{cap_key}: {max_tokens:,} holds no whole document: the corpus' first has "
                                     f"{int(lengths[0]):,} tokens; raise it (it keeps the first whole documents "
                                     "within the cap)")
@@ -242,9 +247,13 @@ def build_blocks(batches: Iterable[list[str]], encoder: DocumentEncoder, out_dir
             length_file.write(lengths.data)
             documents += len(lengths)
             tokens += len(ids)
+            if progress is not None:
+                progress.update(len(ids))
             if capped:
                 break
     encoded.close()  # a capped read leaves batches unread: the tokenizing processes stop here
+    if progress is not None:
+        progress.close()
     if capped:
         logger.info("read %d documents, %d tokens: the first whole documents within max_tokens=%d", documents,
                     tokens, max_tokens)

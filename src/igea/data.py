@@ -313,9 +313,10 @@ def document_batches(d: DataConfig, source: SourceConfig, batch_size: int = READ
     with explained_errors(d, source):
         dataset = _open_files(files, d, streaming=True) if files else _load_hub(source, d, streaming=True)
         _check_column(dataset, column, files[0] if files else str(source.path))
-        total, exact = estimated_documents(files, dataset, limit) if report else (None, True)
+        watch = report and source.max_tokens is None  # a token cap: build_blocks counts the cap's tokens instead
+        total, exact = estimated_documents(files, dataset, limit) if watch else (None, True)
         progress = Progress(f"{source_name(source)}: reading", total, "documents" if exact else "documents (estimated)",
-                            logger=logger, bar=report, every=None if report else math.inf, say_done=False)
+                            logger=logger, bar=watch, every=None if watch else math.inf, say_done=False)
         for batch in dataset.select_columns([column]).iter(batch_size=batch_size):
             texts = batch[column]
             if limit is not None:
