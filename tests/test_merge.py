@@ -99,9 +99,21 @@ def test_alpha_0_is_the_base_1_the_run_and_between_a_linear_interpolation(full_r
 def test_checkpoint_average_is_the_mean_of_the_kept_checkpoints(full_run, tmp_path):
     job = plan(full_run, None, [0.5], True, None, None)
     assert [p.name for p in job.points] == ["base", "alpha 0.5", "run", "checkpoint-2", "checkpoint-4", "average"]
+    assert [p.same_as for p in job.points] == [None, None, None, None, "run", None]  # the last step's weights
+    assert [w.directory.name for w, _ in job.points[-1].mix] == ["checkpoint-2", "checkpoint-4"]  # still averaged
     write_merged(full_run, tmp_path / "avg", "average")
     assert_halfway(tensors(tmp_path / "avg"), tensors(full_run / "checkpoint-2"), tensors(full_run / "checkpoint-4"))
     assert "the average of the checkpoints checkpoint-2, checkpoint-4" in (tmp_path / "avg" / "README.md").read_text()
+
+
+def test_a_checkpoint_one_byte_off_the_runs_weights_is_scored_as_its_own_point(full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("checkpoint-2"))
+    weights = run / "checkpoint-4" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the last byte of the last tensor
+    weights.write_bytes(bytes(data))
+    assert [p.same_as for p in plan(run, None, [], True, None, None).points] == [None, None, None]
 
 
 @pytest.mark.slow
@@ -227,7 +239,8 @@ def questions(tmp_path_factory) -> Path:
 
 
 def test_cli_scores_every_point_and_writes_the_picked_one_with_its_card(full_run, tiny_model_dir, questions,
-                                                                       tmp_path, capsys):
+                                                                       tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="igea.merge")
     out = tmp_path / "merged"
     assert main(["merge", str(full_run), "--alphas", "0.5", "--tasks", str(questions), "--pick", "0",
                  "--output", str(out)]) == 0
@@ -236,6 +249,9 @@ def test_cli_scores_every_point_and_writes_the_picked_one_with_its_card(full_run
     assert printed.startswith("point") and "abstracts loss" in printed and "domande acc_norm" in printed
     assert rows[:6] == ["base", "alpha", "run", "checkpoint-2", "checkpoint-4", "average"]
     assert f"merged model (base) written to {out}" in printed
+    assert "\ncheckpoint-4 = run " in printed  # the run's own weights, scored once
+    assert "5 points to score (base, alpha 0.5, run, checkpoint-2, average)" in caplog.text
+    assert "checkpoint-4 holds the same weights files as the run: not scored again" in caplog.text
 
     assert_same(tensors(out), tensors(tiny_model_dir))
     results = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8"))
@@ -244,6 +260,8 @@ def test_cli_scores_every_point_and_writes_the_picked_one_with_its_card(full_run
     for name in ("abstracts", "general"):  # the run's own held-out sets, scored as its last evaluation scored them
         assert points["run"]["held_out_sets"][name]["loss"] == pytest.approx(after[f"eval_{name}_loss"], rel=1e-5)
         assert points["checkpoint-4"]["held_out_sets"][name] == points["run"]["held_out_sets"][name]
+    assert points["checkpoint-4"]["same_as"] == "run" and "eval_s" not in points["checkpoint-4"]
+    assert "same_as" not in points["checkpoint-2"] and points["checkpoint-2"]["eval_s"] > 0
     assert results["domain"] == ["abstracts"] and results["general"] == ["general"]
     assert set(points["alpha 0.5"]["tasks"]["domande"]) >= {"acc", "acc_norm"}
     assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
