@@ -132,6 +132,26 @@ def test_tied_embeddings_stay_tied(corpus_file, general_file, tmp_path):
     torch.testing.assert_close(model.lm_head.weight, tensors(half)["model.embed_tokens.weight"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("trait", ["bos", "vocab70k"])
+def test_a_bos_adding_tokenizer_and_a_vocabulary_over_65536_come_through_a_merge(trait, corpus_file, tmp_path):
+    base = build_trait_model(trait, corpus_file.read_text(encoding="utf-8").splitlines()[:200], tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(torch.randn_like(weight))  # a "run": every weight moved
+    model.save_pretrained(tmp_path / "run")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "run")
+
+    out = write_merged(tmp_path / "run", tmp_path / "half", 0.5, base=base)
+    assert_halfway(tensors(out), tensors(base), tensors(tmp_path / "run"))
+    tokenizer, merged = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+    assert len(tokenizer) == merged.config.vocab_size == len(AutoTokenizer.from_pretrained(base))
+    ids = tokenizer("Il fegato è", return_tensors="pt")["input_ids"]
+    assert (ids[0, 0] == tokenizer.bos_token_id) == (trait == "bos")  # the run's tokenizer, BOS and all
+    assert (ids.max() > 65_535) == (trait == "vocab70k")
+    assert merged.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
 @pytest.mark.slow
 def test_extended_vocabulary_merges_with_the_extended_base_or_keeps_the_runs_new_rows(
         tiny_model_dir, corpus_file, general_file, tmp_path):
