@@ -271,6 +271,7 @@ def test_cli_scores_every_point_and_writes_the_picked_one_with_its_card(full_run
     assert f"merged model (base) written to {out}" in printed
     assert "\ncheckpoint-4 = run " in printed  # the run's own weights, scored once
     assert "5 points to score (base, alpha 0.5, run, checkpoint-2, average)" in caplog.text
+    assert f"merging run '{full_run}' back towards its base" in caplog.text and "merge done in " in caplog.text
     assert "checkpoint-4 holds the same weights files as the run: not scored again" in caplog.text
 
     assert_same(tensors(out), tensors(tiny_model_dir))

@@ -696,6 +696,7 @@ def merge(
     the run directory (the current directory for a plain model directory, which igea does not write into).
     Returns what `merge.json` holds: every point's metrics and timings, and what was written.
     """
+    start = time.monotonic()
     job = plan(run, base, alphas, checkpoints, pick, output)
     run_dir, record = job.run_dir, job.record
     if corpus is None and not record:
@@ -714,6 +715,9 @@ def merge(
 
     from igea.modeling import load_pretrained
 
+    logger.info("merging run '%s' back towards its base '%s': loading the run and its held-out sets, then scoring %d "
+                "points%s", run_dir, job.base.name, sum(not p.same_as for p in job.points),
+                f", then writing {job.picked.name} into {output}" if job.picked else "")
     model, tokenizer = load_pretrained(str(run_dir), device)
     blocks = (run_held_out_blocks(run_dir, record, tokenizer) if corpus is None
               else corpus_blocks(corpus, run_dir, tokenizer, context_length(model, tokenizer), block_size))
@@ -729,11 +733,12 @@ def merge(
                "command": command}
     if output is not None:
         write_output(job.points, job.picked, job.run, run_dir, Path(output), results, (header, rows), record)
-        return results
-    target = Path(plot) if plot is not None else run_dir / PLOT_FILE if record else Path(PLOT_FILE)
-    drawn = draw(job.points, domain_sets, general_sets, target, results["run_name"])
-    results["plot"] = str(drawn) if drawn else None
-    write_json_atomic(target.parent / RESULTS_FILE, results)
+    else:
+        target = Path(plot) if plot is not None else run_dir / PLOT_FILE if record else Path(PLOT_FILE)
+        drawn = draw(job.points, domain_sets, general_sets, target, results["run_name"])
+        results["plot"] = str(drawn) if drawn else None
+        write_json_atomic(target.parent / RESULTS_FILE, results)
+    logger.info("merge done in %s", duration(time.monotonic() - start))
     return results
 
 
