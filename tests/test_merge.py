@@ -363,6 +363,9 @@ def other_models(tmp_path_factory, corpus_file, full_run) -> dict[str, Path]:
     (["--alphas", "half"], "--alphas: 'half' is not allowed; it must be a number in [0, 1]"),
     (["--pick", "nan", "--output", "{tmp}/out"], "--pick: 'nan' is not allowed; it must be a number in [0, 1]"),
     (["--pick", "0.5"], "--pick: a point to write needs both --pick ALPHA (or average) and --output DIR"),
+    (["--pick", "0.5", "--output", "{tmp}/out", "--plot", "{tmp}/p.png"],
+     "--plot: '{tmp}/p.png' is not allowed with an output directory: the plot and merge.json go into the output "
+     "directory ('{tmp}/out'); give one of them"),
     (["--pick", "0.5", "--output", "{run}"], "--output: '{run}' is not an empty directory; igea merge writes only"),
     (["--base", "{narrow}"], "base model '{narrow}' does not match the run: tensor 'lm_head.weight' is [512, 32] "
                              "there, [512, 64] in the run"),

@@ -697,6 +697,9 @@ def merge(
     Returns what `merge.json` holds: every point's metrics and timings, and what was written.
     """
     start = time.monotonic()
+    if plot is not None and output is not None:
+        raise ConfigError(f"plot: {show(str(plot))} is not allowed with an output directory: the plot and "
+                          f"{RESULTS_FILE} go into the output directory ('{output}'); give one of them")
     job = plan(run, base, alphas, checkpoints, pick, output)
     run_dir, record = job.run_dir, job.record
     if corpus is None and not record:
