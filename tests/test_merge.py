@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import igea
 from igea.cli import main
 from igea.config import TinyModelConfig, config_from_dict
-from igea.merge import PLOT_FILE, RESULTS_FILE, WEIGHTS_INDEX, plan, write_merged
+from igea.errors import ConfigError
+from igea.merge import PLOT_FILE, RESULTS_FILE, WEIGHTS_INDEX, choose_axes, plan, write_merged
 from igea.rundir import dir_contents
 
 from conftest import build_trait_model, config_dict, real_abstracts
@@ -305,6 +306,15 @@ def test_without_output_the_plot_and_results_go_into_the_run(full_run, biomed_fi
     assert (full_run / PLOT_FILE).is_file() and not dir_contents(full_run).foreign  # --overwrite may remove them
     (full_run / PLOT_FILE).unlink()
     (full_run / RESULTS_FILE).unlink()
+
+
+def test_the_plots_axes_default_to_the_first_set_and_the_others_and_take_any_set():
+    sets = ["biomed", "general", "general_en"]
+    assert choose_axes(sets, None, None) == (["biomed"], ["general", "general_en"])
+    assert choose_axes(sets, "general_en", None) == (["general_en"], ["biomed", "general"])
+    assert choose_axes(sets, "general", "biomed") == (["general"], ["biomed"])
+    with pytest.raises(ConfigError, match="domain: no held-out set is named 'bio'; the sets are biomed, general, "):
+        choose_axes(sets, "bio", None)
 
 
 def test_without_matplotlib_the_plot_is_skipped_in_one_line(full_run, biomed_file, general_file, tmp_path,
