@@ -168,6 +168,7 @@ def forgetting(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         line["general_recovered"] = round((end["general"] - line["general"]) / rise, 3) if rise > 0 else None
         line["domain_cost"] = round(line["domain"] - end["domain"], 4)
         print(json.dumps(line))
+    scored = [p for p in merged["points"] if "same_as" not in p]  # a checkpoint of the run's weights is not scored
     base_equal = all(points["base"]["held_out_sets"][s]["loss"] == replay_points["base"]["held_out_sets"][s]["loss"]
                      for s in merged["sets"])
     summary = {
@@ -178,8 +179,8 @@ def forgetting(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "steps": args.steps, "lr": args.lr, "replay_weight": args.replay, "checkpoints": merged["checkpoints"],
         "general_rise": round(rise, 4), "domain_gain": round(start["domain"] - end["domain"], 4),
         "base_scored_alike_by_both_merges": base_equal,
-        "merge_s_per_point": round(sum(p["merge_s"] for p in merged["points"]) / len(merged["points"]), 3),
-        "eval_s_per_point": round(sum(p["eval_s"] for p in merged["points"]) / len(merged["points"]), 3),
+        "merge_s_per_point": round(sum(p["merge_s"] for p in scored) / len(scored), 3),
+        "eval_s_per_point": round(sum(p["eval_s"] for p in scored) / len(scored), 3),
     }
     if args.plot:
         plot(lines, args.plot)

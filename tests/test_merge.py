@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import igea
 from igea.cli import main
 from igea.config import TinyModelConfig, config_from_dict
-from igea.merge import PLOT_FILE, RESULTS_FILE, WEIGHTS_INDEX, plan, write_merged
+from igea.errors import ConfigError
+from igea.merge import PLOT_FILE, RESULTS_FILE, WEIGHTS_INDEX, choose_axes, plan, write_merged
 from igea.rundir import dir_contents
 
 from conftest import build_trait_model, config_dict, real_abstracts
@@ -99,9 +100,21 @@ def test_alpha_0_is_the_base_1_the_run_and_between_a_linear_interpolation(full_r
 def test_checkpoint_average_is_the_mean_of_the_kept_checkpoints(full_run, tmp_path):
     job = plan(full_run, None, [0.5], True, None, None)
     assert [p.name for p in job.points] == ["base", "alpha 0.5", "run", "checkpoint-2", "checkpoint-4", "average"]
+    assert [p.same_as for p in job.points] == [None, None, None, None, "run", None]  # the last step's weights
+    assert [w.directory.name for w, _ in job.points[-1].mix] == ["checkpoint-2", "checkpoint-4"]  # still averaged
     write_merged(full_run, tmp_path / "avg", "average")
     assert_halfway(tensors(tmp_path / "avg"), tensors(full_run / "checkpoint-2"), tensors(full_run / "checkpoint-4"))
     assert "the average of the checkpoints checkpoint-2, checkpoint-4" in (tmp_path / "avg" / "README.md").read_text()
+
+
+def test_a_checkpoint_one_byte_off_the_runs_weights_is_scored_as_its_own_point(full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("checkpoint-2"))
+    weights = run / "checkpoint-4" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the last byte of the last tensor
+    weights.write_bytes(bytes(data))
+    assert [p.same_as for p in plan(run, None, [], True, None, None).points] == [None, None, None]
 
 
 @pytest.mark.slow
@@ -118,6 +131,26 @@ def test_tied_embeddings_stay_tied(corpus_file, general_file, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(half)
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
     torch.testing.assert_close(model.lm_head.weight, tensors(half)["model.embed_tokens.weight"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("trait", ["bos", "vocab70k"])
+def test_a_bos_adding_tokenizer_and_a_vocabulary_over_65536_come_through_a_merge(trait, corpus_file, tmp_path):
+    base = build_trait_model(trait, corpus_file.read_text(encoding="utf-8").splitlines()[:200], tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(torch.randn_like(weight))  # a "run": every weight moved
+    model.save_pretrained(tmp_path / "run")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "run")
+
+    out = write_merged(tmp_path / "run", tmp_path / "half", 0.5, base=base)
+    assert_halfway(tensors(out), tensors(base), tensors(tmp_path / "run"))
+    tokenizer, merged = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+    assert len(tokenizer) == merged.config.vocab_size == len(AutoTokenizer.from_pretrained(base))
+    ids = tokenizer("Il fegato è", return_tensors="pt")["input_ids"]
+    assert (ids[0, 0] == tokenizer.bos_token_id) == (trait == "bos")  # the run's tokenizer, BOS and all
+    assert (ids.max() > 65_535) == (trait == "vocab70k")
+    assert merged.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
 
 
 @pytest.mark.slow
@@ -227,7 +260,8 @@ def questions(tmp_path_factory) -> Path:
 
 
 def test_cli_scores_every_point_and_writes_the_picked_one_with_its_card(full_run, tiny_model_dir, questions,
-                                                                       tmp_path, capsys):
+                                                                       tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="igea.merge")
     out = tmp_path / "merged"
     assert main(["merge", str(full_run), "--alphas", "0.5", "--tasks", str(questions), "--pick", "0",
                  "--output", str(out)]) == 0
@@ -236,6 +270,10 @@ def test_cli_scores_every_point_and_writes_the_picked_one_with_its_card(full_run
     assert printed.startswith("point") and "abstracts loss" in printed and "domande acc_norm" in printed
     assert rows[:6] == ["base", "alpha", "run", "checkpoint-2", "checkpoint-4", "average"]
     assert f"merged model (base) written to {out}" in printed
+    assert "\ncheckpoint-4 = run " in printed  # the run's own weights, scored once
+    assert "5 points to score (base, alpha 0.5, run, checkpoint-2, average)" in caplog.text
+    assert f"merging run '{full_run}' back towards its base" in caplog.text and "merge done in " in caplog.text
+    assert "checkpoint-4 holds the same weights files as the run: not scored again" in caplog.text
 
     assert_same(tensors(out), tensors(tiny_model_dir))
     results = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8"))
@@ -244,6 +282,8 @@ def test_cli_scores_every_point_and_writes_the_picked_one_with_its_card(full_run
     for name in ("abstracts", "general"):  # the run's own held-out sets, scored as its last evaluation scored them
         assert points["run"]["held_out_sets"][name]["loss"] == pytest.approx(after[f"eval_{name}_loss"], rel=1e-5)
         assert points["checkpoint-4"]["held_out_sets"][name] == points["run"]["held_out_sets"][name]
+    assert points["checkpoint-4"]["same_as"] == "run" and "eval_s" not in points["checkpoint-4"]
+    assert "same_as" not in points["checkpoint-2"] and points["checkpoint-2"]["eval_s"] > 0
     assert results["domain"] == ["abstracts"] and results["general"] == ["general"]
     assert set(points["alpha 0.5"]["tasks"]["domande"]) >= {"acc", "acc_norm"}
     assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -266,6 +306,15 @@ def test_without_output_the_plot_and_results_go_into_the_run(full_run, biomed_fi
     assert (full_run / PLOT_FILE).is_file() and not dir_contents(full_run).foreign  # --overwrite may remove them
     (full_run / PLOT_FILE).unlink()
     (full_run / RESULTS_FILE).unlink()
+
+
+def test_the_plots_axes_default_to_the_first_set_and_the_others_and_take_any_set():
+    sets = ["biomed", "general", "general_en"]
+    assert choose_axes(sets, None, None) == (["biomed"], ["general", "general_en"])
+    assert choose_axes(sets, "general_en", None) == (["general_en"], ["biomed", "general"])
+    assert choose_axes(sets, "general", "biomed") == (["general"], ["biomed"])
+    with pytest.raises(ConfigError, match="domain: no held-out set is named 'bio'; the sets are biomed, general, "):
+        choose_axes(sets, "bio", None)
 
 
 def test_without_matplotlib_the_plot_is_skipped_in_one_line(full_run, biomed_file, general_file, tmp_path,
@@ -324,6 +373,9 @@ def other_models(tmp_path_factory, corpus_file, full_run) -> dict[str, Path]:
     (["--alphas", "half"], "--alphas: 'half' is not allowed; it must be a number in [0, 1]"),
     (["--pick", "nan", "--output", "{tmp}/out"], "--pick: 'nan' is not allowed; it must be a number in [0, 1]"),
     (["--pick", "0.5"], "--pick: a point to write needs both --pick ALPHA (or average) and --output DIR"),
+    (["--pick", "0.5", "--output", "{tmp}/out", "--plot", "{tmp}/p.png"],
+     "--plot: '{tmp}/p.png' is not allowed with an output directory: the plot and merge.json go into the output "
+     "directory ('{tmp}/out'); give one of them"),
     (["--pick", "0.5", "--output", "{run}"], "--output: '{run}' is not an empty directory; igea merge writes only"),
     (["--base", "{narrow}"], "base model '{narrow}' does not match the run: tensor 'lm_head.weight' is [512, 32] "
                              "there, [512, 64] in the run"),

@@ -472,8 +472,8 @@ def add_merge(commands) -> None:
     parser.add_argument("--block-size", type=int, help="held-out block length with --corpus (default: the run's)")
     parser.add_argument("--domain", metavar="SET", help="the plot's domain set, x axis (default: the first set)")
     parser.add_argument("--general", metavar="SET", help="the plot's general set, y axis (default: the others)")
-    parser.add_argument("--plot", metavar="PNG", help="where the plot goes, merge.json beside it (default: "
-                                                      "RUN/merge.png, or in --output)")
+    parser.add_argument("--plot", metavar="PNG", help="where the plot goes, merge.json beside it, without --output "
+                                                      "(default: RUN/merge.png; with --output: in DIR)")
     parser.add_argument("--pick", metavar="ALPHA", help="the point to write: an alpha, or 'average'")
     parser.add_argument("--output", metavar="DIR", help="new or empty directory for the picked point's model")
     parser.add_argument("--device")

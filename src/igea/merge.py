@@ -20,6 +20,7 @@ with fewer rows, the rows of the new tokens are the run's at every alpha.
 
 from __future__ import annotations
 
+import filecmp
 import fnmatch
 import logging
 import math
@@ -110,6 +111,12 @@ class Weights:
 
     def file_bytes(self) -> dict[str, int]:
         return {file: (self.directory / file).stat().st_size for file in self.shards()}
+
+    def same_files(self, other: Weights) -> bool:
+        """Whether both hold the same tensors in byte-identical files (a run's last checkpoint and its final
+        weights, usually). Cheap: two files that differ do so in their first tensors' bytes."""
+        return self.files == other.files and all(
+            filecmp.cmp(self.directory / file, other.directory / file, shallow=False) for file in self.shards())
 
 
 Mix = list[tuple[Weights, float]]
@@ -303,6 +310,13 @@ class Point:
     mix: Mix
     alpha: float | None = None
     result: dict[str, Any] = field(default_factory=dict)
+    same_as: str | None = None
+    """The point whose weights these are, byte for byte (a checkpoint of the run's final step): not scored again."""
+
+    @property
+    def label(self) -> str:
+        """The name shown in the table and the plot."""
+        return f"{self.name} = {self.same_as}" if self.same_as else self.name
 
 
 def check_alpha(value: Any, what: str = "alpha") -> float:
@@ -322,7 +336,8 @@ def plan_points(base: Base, run: Weights, alphas: Sequence[float], checkpoints: 
     points += [Point(f"alpha {a:g}", "merge", interpolation(base.weights, run, a), a)
                for a in sorted(set(alphas)) if 0 < a < 1]
     points.append(Point("run", "run", interpolation(base.weights, run, 1.0), 1.0))
-    points += [Point(c.directory.name, "checkpoint", [(c, 1.0)]) for c in checkpoints]
+    points += [Point(c.directory.name, "checkpoint", [(c, 1.0)], same_as="run" if c.same_files(run) else None)
+               for c in checkpoints]
     if len(checkpoints) > 1:
         points.append(Point("average", "average", [(c, 1.0 / len(checkpoints)) for c in checkpoints]))
     return points
@@ -434,7 +449,7 @@ def table_rows(points: list[Point], sets: list[str], task_names: list[str]) -> t
     rows = []
     for p in points:
         r = p.result
-        cells = [p.name, "" if p.alpha is None else f"{p.alpha:g}"]
+        cells = [p.label, "" if p.alpha is None else f"{p.alpha:g}"]
         cells += [f"{r['held_out_sets'][s]['loss']:.4f}" for s in sets]
         cells += [f"{r['held_out']['loss']:.4f}"] if len(sets) > 1 else []
         cells += [f"{r['tasks'][t]['acc_norm']:.4f}" for t in task_names]
@@ -476,10 +491,11 @@ def write_plot(points: list[Point], domain: list[str], general: list[str], path:
     styles = {"base": ("s", "C0", 120), "run": ("*", "C3", 220), "merge": ("o", "C1", 50),
               "checkpoint": ("^", "C2", 60), "average": ("D", "C4", 70)}
     shown = set()
-    for p in points:
+    same = "".join(f" = {p.name}" for p in points if p.same_as)  # one marker for the run and its last checkpoint
+    for p in (p for p in points if not p.same_as):
         marker, colour, size = styles[p.kind]
         label = {"merge": "merges", "checkpoint": "checkpoints", "average": "checkpoint average",
-                 "run": "run (final)"}.get(p.kind, p.kind)
+                 "run": f"run (final){same}"}.get(p.kind, p.kind)
         ax.scatter(*xy[p.name], marker=marker, color=colour, s=size, zorder=2,
                    label=None if label in shown else label)
         shown.add(label)
@@ -601,7 +617,8 @@ class Plan:
             "base": str(self.base.weights.directory), "base_name": self.base.name, "base_note": self.base.note,
             "adapter_note": adapter_note(self.record), "alpha": "(1 - alpha) * base + alpha * run",
             "checkpoints": [c.directory.name for c in self.checkpoints],
-            "points": [{"name": p.name, "kind": p.kind, "alpha": p.alpha, **p.result} for p in self.points],
+            "points": [{"name": p.name, "kind": p.kind, "alpha": p.alpha, **p.result}
+                       | ({"same_as": p.same_as} if p.same_as else {}) for p in self.points],
             "picked": self.picked.name if self.picked else None,
             "language": (config.get("card") or {}).get("language"),
         }
@@ -679,6 +696,10 @@ def merge(
     the run directory (the current directory for a plain model directory, which igea does not write into).
     Returns what `merge.json` holds: every point's metrics and timings, and what was written.
     """
+    start = time.monotonic()
+    if plot is not None and output is not None:
+        raise ConfigError(f"plot: {show(str(plot))} is not allowed with an output directory: the plot and "
+                          f"{RESULTS_FILE} go into the output directory ('{output}'); give one of them")
     job = plan(run, base, alphas, checkpoints, pick, output)
     run_dir, record = job.run_dir, job.record
     if corpus is None and not record:
@@ -697,6 +718,9 @@ def merge(
 
     from igea.modeling import load_pretrained
 
+    logger.info("merging run '%s' back towards its base '%s': loading the run and its held-out sets, then scoring %d "
+                "points%s", run_dir, job.base.name, sum(not p.same_as for p in job.points),
+                f", then writing {job.picked.name} into {output}" if job.picked else "")
     model, tokenizer = load_pretrained(str(run_dir), device)
     blocks = (run_held_out_blocks(run_dir, record, tokenizer) if corpus is None
               else corpus_blocks(corpus, run_dir, tokenizer, context_length(model, tokenizer), block_size))
@@ -712,19 +736,26 @@ def merge(
                "command": command}
     if output is not None:
         write_output(job.points, job.picked, job.run, run_dir, Path(output), results, (header, rows), record)
-        return results
-    target = Path(plot) if plot is not None else run_dir / PLOT_FILE if record else Path(PLOT_FILE)
-    drawn = draw(job.points, domain_sets, general_sets, target, results["run_name"])
-    results["plot"] = str(drawn) if drawn else None
-    write_json_atomic(target.parent / RESULTS_FILE, results)
+    else:
+        target = Path(plot) if plot is not None else run_dir / PLOT_FILE if record else Path(PLOT_FILE)
+        drawn = draw(job.points, domain_sets, general_sets, target, results["run_name"])
+        results["plot"] = str(drawn) if drawn else None
+        write_json_atomic(target.parent / RESULTS_FILE, results)
+    logger.info("merge done in %s", duration(time.monotonic() - start))
     return results
 
 
 def score_points(points: list[Point], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  blocks: dict[str, Any], tasks: list, eval_config: EvalConfig, run: Weights) -> None:
-    """Load each point's weights into `model` and score it; timings and metrics go into `point.result`."""
+    """Load each point's weights into `model` and score it; timings and metrics go into `point.result`. A point
+    with the weights of another (`same_as`) takes that one's metrics, without timings."""
+    copies = [p for p in points if p.same_as]
+    points = [p for p in points if not p.same_as]
     logger.info("%d points to score (%s) on %d held-out set(s)%s", len(points), ", ".join(p.name for p in points),
                 len(blocks), f" and {len(tasks)} benchmark(s)" if tasks else "")
+    for copy in copies:
+        logger.info("%s holds the same weights files as the %s: not scored again, shown as '%s'", copy.name,
+                    copy.same_as, copy.label)
     for i, point in enumerate(points, 1):
         logger.info("point %d/%d: %s: loading its weights", i, len(points), point.name)
         start = time.monotonic()
@@ -735,6 +766,9 @@ def score_points(points: list[Point], model: PreTrainedModel, tokenizer: PreTrai
         losses = "  ".join(f"{s} {m['loss']:.4f}" for s, m in point.result.get("held_out_sets", {}).items())
         logger.info("point %d/%d: %s: weights in %s, scored in %s: %s", i, len(points), point.name,
                     duration(loaded_s), duration(point.result["eval_s"]), losses)
+    for copy in copies:
+        copy.result = {k: v for k, v in next(p for p in points if p.name == copy.same_as).result.items()
+                       if k not in ("merge_s", "eval_s")}
 
 
 def draw(points: list[Point], domain: list[str], general: list[str], path: Path, run_name: str) -> Path | None:
