@@ -296,6 +296,18 @@ def test_cli_scores_every_point_and_writes_the_picked_one_with_its_card(full_run
     assert main(["generate", str(out), "Il fegato è ", "--max-new-tokens", "3"]) == 0
 
 
+def test_a_flag_replaces_only_its_own_eval_setting_of_the_run(tiny_model_dir, corpus_file, general_file, questions,
+                                                              tmp_path):
+    run = train_run(tmp_path / "run", tiny_model_dir, corpus_file, general_file,
+                    eval={"tasks": [str(questions)], "limit": 1})
+    assert main(["merge", str(run), "--alphas", "", "--no-checkpoints", "--tasks", "--batch-size", "4"]) == 0
+    points = {p["name"]: p for p in json.loads((run / RESULTS_FILE).read_text(encoding="utf-8"))["points"]}
+    assert points["run"]["tasks"]["domande"]["questions"] == 1  # the run's eval.limit, kept beside --batch-size
+    assert main(["merge", str(run), "--alphas", "", "--no-checkpoints", "--tasks", "--limit", "2"]) == 0
+    points = {p["name"]: p for p in json.loads((run / RESULTS_FILE).read_text(encoding="utf-8"))["points"]}
+    assert points["run"]["tasks"]["domande"]["questions"] == 2
+
+
 def test_without_output_the_plot_and_results_go_into_the_run(full_run, biomed_file, general_file, capsys):
     assert main(["merge", str(full_run), "--alphas", "", "--no-checkpoints", "--corpus", f"biomed={biomed_file}",
                  "--corpus", f"everyday={general_file}", "--general", "everyday"]) == 0

@@ -466,9 +466,12 @@ def add_merge(commands) -> None:
                         help="held-out sets as for igea eval (default: the run's own held-out sets)")
     parser.add_argument("--tasks", nargs="?", const=True, metavar="a,b",
                         help="also score benchmarks: these, or with no value the run's eval.tasks")
-    parser.add_argument("--limit", type=int, help="score only the first N questions of each task")
-    parser.add_argument("--num-fewshot", type=int, help="examples before each question (default: the task's)")
-    parser.add_argument("--batch-size", type=int, help="blocks and questions scored together (default 8)")
+    parser.add_argument("--limit", type=int,
+                        help="score only the first N questions of each task (default: the run's eval.limit)")
+    parser.add_argument("--num-fewshot", type=int,
+                        help="examples before each question (default: the run's eval.num_fewshot, else the task's)")
+    parser.add_argument("--batch-size", type=int,
+                        help="blocks and questions scored together (default: the run's eval.batch_size, else 8)")
     parser.add_argument("--block-size", type=int, help="held-out block length with --corpus (default: the run's)")
     parser.add_argument("--domain", metavar="SET", help="the plot's domain set, x axis (default: the first set)")
     parser.add_argument("--general", metavar="SET", help="the plot's general set, y axis (default: the others)")
@@ -481,15 +484,13 @@ def add_merge(commands) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """`igea merge RUN [--alphas ...] [--pick ALPHA --output DIR]`: print the table, say what was written."""
-    from igea.config import EvalConfig
     from igea.errors import ConfigError
     from igea.merge import merge
 
     try:
         alphas = [a.strip() for a in args.alphas.split(",") if a.strip()]
         settings = {"num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size}
-        eval_config = EvalConfig(**{k: v for k, v in settings.items() if v is not None}) \
-            if any(v is not None for v in settings.values()) else None
+        eval_config = {k: v for k, v in settings.items() if v is not None}  # the run's own for the others
         tasks = args.tasks if args.tasks in (True, None) else [t.strip() for t in args.tasks.split(",") if t.strip()]
         results = merge(args.run, base=args.base, alphas=alphas, checkpoints=not args.no_checkpoints,
                         corpus=held_out_argument(args.corpus) if args.corpus else None, tasks=tasks,

@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -679,7 +679,7 @@ def merge(
     pick: float | str | None = None,
     output: str | os.PathLike | None = None,
     plot: str | os.PathLike | None = None,
-    eval_config: EvalConfig | None = None,
+    eval_config: EvalConfig | Mapping[str, Any] | None = None,
     block_size: int | None = None,
     device: str | None = None,
     command: str | None = None,
@@ -694,6 +694,8 @@ def merge(
     written with the run's config and tokenizer and a card into `output`, a new or empty directory. The plot
     (`merge.png`) and the results (`merge.json`) go into `output`, else to `plot` (and beside it), else into
     the run directory (the current directory for a plain model directory, which igea does not write into).
+    Scoring takes the run's `eval` settings (num_fewshot, limit, batch_size); `eval_config` replaces them all
+    (an EvalConfig) or those it names (a mapping, as the command line's flags do).
     Returns what `merge.json` holds: every point's metrics and timings, and what was written.
     """
     start = time.monotonic()
@@ -706,8 +708,9 @@ def merge(
         raise IgeaError(f"'{run_dir}' is not a finished igea run (no {RUN_MARKER}): name its held-out sets with "
                         "--corpus NAME=FILES")
     config = record.get("config") or {}
-    settings = {k: v for k, v in (config.get("eval") or {}).items() if k in ("num_fewshot", "limit", "batch_size")}
-    eval_config = eval_config or EvalConfig(**settings)
+    if not isinstance(eval_config, EvalConfig):
+        settings = {k: v for k, v in (config.get("eval") or {}).items() if k in ("num_fewshot", "limit", "batch_size")}
+        eval_config = EvalConfig(**{**settings, **(eval_config or {})})
     task_names = list((config.get("eval") or {}).get("tasks") or []) if tasks is True else list(tasks or [])
     if tasks is True and not task_names:
         raise ConfigError(f"tasks: run '{run_dir}' names no benchmark in eval.tasks; name them with --tasks a,b")
