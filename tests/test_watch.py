@@ -259,3 +259,34 @@ def test_progress_says_percent_elapsed_and_eta_before_a_gap_of_30_seconds(monkey
                     "reading: done in 48 s"]
     assert [duration(s) for s in (0.04, 9.96, 42, 178, 3720, 147600)] == ["0.0 s", "10.0 s", "42 s", "2m58s",
                                                                          "1h02m", "1d17h"]
+
+
+def test_the_status_file_is_kept_fresh_between_log_lines_and_during_an_evaluation(tmp_path, monkeypatch):
+    # whatever prints the lines (a terminal's bar or a log file's lines): logging_steps may be thousands of steps
+    import socket
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from igea.status import StatusFile
+    from igea.tracking import TrainingClock
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, use_cpu=True, report_to="none")
+    state, control = TrainerState(max_steps=100, is_world_process_zero=True), TrainerControl()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # running
+    clock = TrainingClock(block_size=8, flops_per_token=1.0, peak_flops=None, status=StatusFile(tmp_path))
+    clock.on_train_begin(args, state, control)
+    state.global_step = 1
+    clock.on_step_end(args, state, control)
+    clock.on_log(args, state, control, logs={"loss": 2.0})  # a log line: measured and written
+    state.global_step = 2
+    clock.on_step_end(args, state, control)  # too soon after the log line: nothing written
+    assert run_status(tmp_path)["step"] == 1
+    monkeypatch.setattr("igea.progress.PROGRESS_SECONDS", 0.0)
+    clock.on_step_end(args, state, control)
+    written = run_status(tmp_path)
+    assert written["state"] == "running" and written["step"] == 2 and written["eta"] is not None
+    assert written["loss"] == {"step": 1, "value": 2.0}
+    before = json.loads((tmp_path / STATUS_FILE).read_text())["updated"]
+    time.sleep(0.01)
+    clock.on_prediction_step(args, state, control)  # a batch of a long evaluation
+    assert json.loads((tmp_path / STATUS_FILE).read_text())["updated"] > before

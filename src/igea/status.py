@@ -1,8 +1,9 @@
 """What a run is doing or did, readable from another shell: `igea status RUN_DIR`.
 
 While it runs, the main process keeps `igea_status.json` in the run directory up to date (at every log line,
-every progress line, each evaluation and each save): the phase, the step, the speed, the elapsed time and
-ETA, the last training loss and the last evaluation of each held-out set, and when it last said anything.
+each evaluation and each save, and at least every PROGRESS_SECONDS while it trains or evaluates): the phase,
+the step, the speed, the elapsed time and ETA, the last training loss and the last evaluation of each held-out
+set, and when it last said anything.
 `run_status` reads it with the run's other files (the lock and its holder, the markers of a finished run and
 of complete checkpoints) and tells running, finished, interrupted or failed; it only reads, so it never
 disturbs the run, whatever its rank layout (only the main process writes).
@@ -31,7 +32,8 @@ from igea.rundir import (
 )
 
 QUIET_AFTER = 600.0
-"""A running run silent for longer than this (and than a few of its own intervals between lines) may be hung."""
+"""A running run whose status file is older than this may be hung (it is rewritten at least every 30 s while the
+run trains or evaluates)."""
 
 
 class StatusFile:

@@ -183,6 +183,7 @@ class TrainingClock(TrainerCallback):
         self.save_seconds: float | None = None
         self.last: dict[str, float] = {}  # the last measure: seconds_per_step, tokens_per_second, ...
         self.args = None  # the run's TrainingArguments, from on_train_begin
+        self.reported = time.monotonic()  # when the status file was last brought up to date
 
     # -- measuring ---------------------------------------------------------------------------------------
 
@@ -199,6 +200,20 @@ class TrainingClock(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.step_end = time.perf_counter()
         self.steps += 1
+        self.keep_status_fresh(state)
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.keep_status_fresh(state)  # a long evaluation is not a hung run either
+
+    def keep_status_fresh(self, state) -> None:
+        """Between log lines (thousands of steps apart, or a long evaluation), bring the status file up to date at
+        least every PROGRESS_SECONDS, whether the log is a file or a terminal: `igea status` then shows the step
+        and ETA of now, and a run is told from a hung one."""
+        if self.status is None or time.monotonic() - self.reported < progress.PROGRESS_SECONDS:
+            return
+        if self.recent:
+            self.last["eta"] = self.eta(state)
+        self.report(state)
 
     def pause(self) -> float:
         """Evaluation or checkpointing just ended: count training up to the last step, restart the clock now;
@@ -300,6 +315,7 @@ class TrainingClock(TrainerCallback):
         """Bring the status file up to date (main process)."""
         if self.status is None:
             return
+        self.reported = time.monotonic()
         last = self.last
         self.status.update(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
                            elapsed=time.time() - self.started, eta=last.get("eta"),
