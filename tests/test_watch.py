@@ -34,19 +34,24 @@ LINE = re.compile(r"^step (\d+)/6 \((\d+\.\d)%\)(.*) \| (.*) s/step  (.*) tok/s 
 @pytest.fixture(scope="module")
 def watched_run(tiny_model_dir, corpus_file, tmp_path_factory):
     """A run trained in a 'log file' (stderr is not a terminal under pytest) with a progress line due at every
-    chance, and the lines it logged."""
+    chance, the lines it logged, and the progress its status file heard."""
+    from igea.status import StatusFile
+
     tmp = tmp_path_factory.mktemp("watched")
     cfg = make_config(tmp, tiny_model_dir, corpus_file, training=WATCHED, data={"validation_split": 16})
     handler = Collect()
     logging.getLogger("igea").addHandler(handler)
+    heard: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("igea.progress.PROGRESS_SECONDS", 0.0)
+        hear = StatusFile.heard
+        patch.setattr(StatusFile, "heard", lambda self, line: (heard.append(line), hear(self, line)))
         logging.getLogger("igea").setLevel(logging.INFO)
         try:
             result = igea.train(cfg)
         finally:
             logging.getLogger("igea").removeHandler(handler)
-    return result, handler.lines
+    return result, handler.lines, heard
 
 
 class Collect(logging.Handler):
@@ -59,7 +64,7 @@ class Collect(logging.Handler):
 
 
 def test_every_training_line_in_a_log_file_has_progress_speed_elapsed_and_eta(watched_run):
-    _, lines = watched_run
+    _, lines, _ = watched_run
     training = [line for line in lines if LINE.match(line)]
     logged = [LINE.match(line) for line in training if "  loss " in line]
     assert [int(m.group(1)) for m in logged] == [2, 4, 6]
@@ -73,7 +78,7 @@ def test_every_training_line_in_a_log_file_has_progress_speed_elapsed_and_eta(wa
 
 
 def test_evaluations_and_saves_announce_themselves_and_their_time(watched_run):
-    result, lines = watched_run
+    result, lines, _ = watched_run
     blocks = result.metrics["data"]["validation"]["blocks"]
     starts = [line for line in lines if line.startswith("evaluating ") and "blocks" in line]
     assert starts == [f"evaluating the model before training: {blocks} blocks",
@@ -86,8 +91,16 @@ def test_evaluations_and_saves_announce_themselves_and_their_time(watched_run):
         assert any(re.fullmatch(rf"saved checkpoint-{step} \([\d.]+ [kM]B, {TIME}\)", line) for line in lines)
 
 
+def test_the_status_file_hears_the_progress_of_reading_the_corpus_and_of_each_evaluation(watched_run):
+    result, _, heard = watched_run
+    assert any(line.startswith("abstracts: reading: ") for line in heard), heard
+    for when in ("the model before training", "at step 3", "at step 6"):
+        assert any(line.startswith(f"evaluating {when}: ") and " batches) | " in line for line in heard)
+    assert run_status(result.output_dir)["work"] is None  # finished: no work left over from the last phase
+
+
 def test_status_of_a_finished_run(watched_run, capsys):
-    result, _ = watched_run
+    result, _, _ = watched_run
     status = run_status(result.output_dir)
     assert status["state"] == "finished" and status["step"] == 6 and status["max_steps"] == 6
     assert status["checkpoints"] == ["checkpoint-3", "checkpoint-6"]
@@ -290,3 +303,33 @@ def test_the_status_file_is_kept_fresh_between_log_lines_and_during_an_evaluatio
     time.sleep(0.01)
     clock.on_prediction_step(args, state, control)  # a batch of a long evaluation
     assert json.loads((tmp_path / STATUS_FILE).read_text())["updated"] > before
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_long_work_is_heard_by_the_status_file_in_a_log_file_and_beside_a_bar(terminal, tmp_path, monkeypatch,
+                                                                               caplog):
+    # a benchmark after training, a corpus being read: `igea status` shows where it is, not a silent (hung?) run
+    import socket
+
+    from igea.progress import Progress, heard_by
+    from igea.status import StatusFile, format_status
+
+    monkeypatch.setattr("igea.progress.PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr("igea.progress.in_log_file", lambda: not terminal)
+    caplog.set_level(logging.INFO)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # running
+    status = StatusFile(tmp_path)
+    status.update(phase="scoring the trained model on domande")
+    with heard_by(status.heard), Progress("domande", 4, "batches", logger=logging.getLogger("igea.test")) as work:
+        work.update()
+        work.update()
+    assert run_status(tmp_path)["work"].startswith("domande: 50% (2/4 batches) | ")
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("domande: 50%")]
+    assert len(logged) == (0 if terminal else 1)  # a terminal has the bar; a log file, the line as well
+    text = format_status(run_status(tmp_path))
+    assert "running (scoring the trained model on domande)" in text and "\n  domande: 50% (2/4 batches) | " in text
+    with Progress("after", 2, "batches", logger=logging.getLogger("igea.test")) as work:
+        work.update()  # heard by no one: the block has ended
+    assert "after" not in run_status(tmp_path)["work"]
+    status.update(phase="training")  # a new phase: the last one's work is no longer what the run does
+    assert run_status(tmp_path)["work"] is None

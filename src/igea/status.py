@@ -46,10 +46,17 @@ class StatusFile:
                                        "updated": now, "phase": "starting"}
 
     def update(self, **fields: Any) -> None:
-        """Merge `fields` into the record and write it, stamped with the time."""
+        """Merge `fields` into the record and write it, stamped with the time; a new phase drops the last phase's
+        `work`."""
+        if fields.get("phase", self.record["phase"]) != self.record["phase"]:
+            self.record.pop("work", None)
         self.record.update(fields, updated=time.time())
         with contextlib.suppress(OSError):  # a full disk must not stop the run here: the run says so itself
             write_json_atomic(self.path, self.record)
+
+    def heard(self, line: str) -> None:
+        """Where a piece of long work is (`reading: 45% (...) | 1m20s, ETA 1m38s`): a sign of life (igea.progress)."""
+        self.update(work=line)
 
     def ended(self, phase: str, **fields: Any) -> None:
         """The session ended: finished, interrupted or failed (with `error`)."""
@@ -76,7 +83,7 @@ def run_status(run_dir: str | os.PathLike) -> dict[str, Any]:
     now = time.time()
     status: dict[str, Any] = {"run_dir": str(run_dir), **{k: record.get(k) for k in (
         "phase", "step", "max_steps", "epoch", "seconds_per_step", "tokens_per_second", "loss", "evaluation",
-        "host", "pid")}}
+        "work", "host", "pid")}}
     status["state"], status["reason"] = _state(lock, finished, record)
     if finished is not None and status["state"] == "finished":
         status.update(_finished(finished, status))
@@ -172,6 +179,8 @@ def format_status(status: dict[str, Any]) -> str:
                                                            if quiet > QUIET_AFTER else ""))
     if times:
         lines.append("  " + ", ".join(times))
+    if status.get("work") and state == "running":
+        lines.append(f"  {status['work']}")
     if status.get("loss"):
         lines.append(f"  training loss {status['loss']['value']:.4g} at step {status['loss']['step']:,}")
     evaluation = status.get("evaluation")
