@@ -333,3 +333,30 @@ def test_long_work_is_heard_by_the_status_file_in_a_log_file_and_beside_a_bar(te
     assert "after" not in run_status(tmp_path)["work"]
     status.update(phase="training")  # a new phase: the last one's work is no longer what the run does
     assert run_status(tmp_path)["work"] is None
+
+
+def test_the_status_file_has_the_speed_and_eta_before_the_first_log_line(tmp_path, monkeypatch):
+    # logging_steps: 5000 (the card's): hours before the first log line measures the speed
+    import socket
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from igea.status import StatusFile
+    from igea.tracking import TrainingClock
+
+    clock = iter([0.0, 0.0, 2.0, 4.0])  # made, train begin, two steps of 2 s
+    monkeypatch.setattr("igea.tracking.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("igea.progress.PROGRESS_SECONDS", 0.0)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # running
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, use_cpu=True, report_to="none",
+                             eval_strategy="no", save_strategy="no")
+    state, control = TrainerState(max_steps=10, is_world_process_zero=True), TrainerControl()
+    watch = TrainingClock(block_size=8, flops_per_token=1.0, peak_flops=None, status=StatusFile(tmp_path))
+    watch.on_train_begin(args, state, control)
+    for step in (1, 2):
+        state.global_step = step
+        watch.on_step_end(args, state, control)
+    written = json.loads((tmp_path / STATUS_FILE).read_text())
+    assert (written["step"], written["seconds_per_step"], written["tokens_per_second"]) == (2, 2.0, 8.0)
+    assert written["eta"] == 8 * 2.0
+    assert watch.steps == 2  # left open: the first log line still measures both steps

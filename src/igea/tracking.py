@@ -211,9 +211,17 @@ class TrainingClock(TrainerCallback):
         and ETA of now, and a run is told from a hung one."""
         if self.status is None or time.monotonic() - self.reported < progress.PROGRESS_SECONDS:
             return
-        if self.recent:
-            self.last["eta"] = self.eta(state)
-        self.report(state)
+        fields: dict[str, Any] = {}
+        current = None  # the steps since the last measure, left open: the next log line measures them
+        busy = self.busy + max(0.0, self.step_end - self.resumed)
+        if self.steps and busy > 0:
+            current = (self.steps, busy)
+            fields.update(seconds_per_step=busy / self.steps,
+                          tokens_per_second=round(self.steps * self.tokens_per_step / busy, 1))
+        eta = self.eta(state, current)
+        if eta is not None:
+            fields["eta"] = eta
+        self.report(state, **fields)
 
     def pause(self) -> float:
         """Evaluation or checkpointing just ended: count training up to the last step, restart the clock now;
@@ -267,12 +275,13 @@ class TrainingClock(TrainerCallback):
         self.last["eta"] = self.eta(state)
         return values
 
-    def eta(self, state) -> float | None:
-        """Seconds until the last step: the steps left at the recent speed, plus the evaluations and saves left
-        at their last measured time."""
-        if not state.max_steps or not self.recent:
+    def eta(self, state, current: tuple[int, float] | None = None) -> float | None:
+        """Seconds until the last step: the steps left at the recent speed (with the `current` interval's steps and
+        seconds, not yet measured, when given), plus the evaluations and saves left at their last measured time."""
+        intervals = [*self.recent, *([current] if current else [])]
+        if not state.max_steps or not intervals:
             return None
-        per_step = sum(seconds for _, seconds in self.recent) / sum(steps for steps, _ in self.recent)
+        per_step = sum(seconds for _, seconds in intervals) / sum(steps for steps, _ in intervals)
         evaluations, saves = events_left(self.args, state)
         return ((state.max_steps - state.global_step) * per_step + evaluations * (self.eval_seconds or 0.0)
                 + saves * (self.save_seconds or 0.0))
@@ -317,10 +326,10 @@ class TrainingClock(TrainerCallback):
             return
         self.reported = time.monotonic()
         last = self.last
-        self.status.update(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
-                           elapsed=time.time() - self.started, eta=last.get("eta"),
-                           seconds_per_step=last.get("seconds_per_step"),
-                           tokens_per_second=last.get("tokens_per_second"), **fields)
+        record = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
+                  "elapsed": time.time() - self.started, "eta": last.get("eta"),
+                  "seconds_per_step": last.get("seconds_per_step"), "tokens_per_second": last.get("tokens_per_second")}
+        self.status.update(**{**record, **fields})
 
 
 def events_left(args, state) -> tuple[int, int]:
