@@ -360,3 +360,18 @@ def test_the_status_file_has_the_speed_and_eta_before_the_first_log_line(tmp_pat
     assert (written["step"], written["seconds_per_step"], written["tokens_per_second"]) == (2, 2.0, 8.0)
     assert written["eta"] == 8 * 2.0
     assert watch.steps == 2  # left open: the first log line still measures both steps
+
+
+def test_status_into_a_pipe_whose_reader_has_left_ends_quietly(tmp_path):
+    # `igea status RUN | head -1`, `| grep -q running`: no traceback on stderr
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / STATUS_FILE).write_text(json.dumps({"phase": "interrupted", "step": 3, "max_steps": 10}))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "igea", "status", str(run)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == ""
