@@ -375,3 +375,19 @@ def test_status_into_a_pipe_whose_reader_has_left_ends_quietly(tmp_path):
     finally:
         os.close(write)
     assert done.returncode == 141 and done.stderr == ""
+
+
+def test_in_a_terminal_each_log_line_goes_above_the_bar_on_stderr_not_into_stdout(capsys):
+    # `igea train c.yaml > results.txt` in a terminal: stdout holds the results, the log stays on the screen
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from igea.tracking import ReadableProgress, TrainingClock
+
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    state, control = TrainerState(max_steps=10, global_step=2, is_world_process_zero=True), TrainerControl()
+    bar = ReadableProgress(TrainingClock(block_size=8, flops_per_token=1.0, peak_flops=None))
+    bar.on_train_begin(args, state, control)
+    bar.on_log(args, state, control, logs={"loss": 2.5})
+    bar.on_train_end(args, state, control)
+    out, err = capsys.readouterr()
+    assert "step 2/10 (20.0%)  loss 2.5" in err and "loss" not in out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections import deque
 from typing import Any
@@ -122,8 +123,8 @@ class ReadableProgress(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             line = log_line(state, logs, self.clock.timing(logs))
-            if self.training_bar is not None:
-                self.training_bar.write(line)
+            if self.training_bar is not None:  # above the bar, on stderr with it and the other log lines
+                self.training_bar.write(line, file=sys.stderr)  # (tqdm's default is stdout: the command's results)
             else:
                 logger.info(line)
 
