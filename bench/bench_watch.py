@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         "generation": {"prompts": []},
     })
     watching = Timed()
-    for owner, names in ((TrainingClock, ("on_train_begin", "on_step_end", "on_log", "on_evaluate", "on_save")),
+    clock = ("on_train_begin", "on_step_end", "on_prediction_step", "on_log", "on_evaluate", "on_save")
+    for owner, names in ((TrainingClock, clock),
                          (LogLines, ("on_step_end", "on_log")), (StatusFile, ("update",))):
         for name in names:
             watching.wrap(owner, name)

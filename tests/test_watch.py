@@ -34,19 +34,24 @@ LINE = re.compile(r"^step (\d+)/6 \((\d+\.\d)%\)(.*) \| (.*) s/step  (.*) tok/s 
 @pytest.fixture(scope="module")
 def watched_run(tiny_model_dir, corpus_file, tmp_path_factory):
     """A run trained in a 'log file' (stderr is not a terminal under pytest) with a progress line due at every
-    chance, and the lines it logged."""
+    chance, the lines it logged, and the progress its status file heard."""
+    from igea.status import StatusFile
+
     tmp = tmp_path_factory.mktemp("watched")
     cfg = make_config(tmp, tiny_model_dir, corpus_file, training=WATCHED, data={"validation_split": 16})
     handler = Collect()
     logging.getLogger("igea").addHandler(handler)
+    heard: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("igea.progress.PROGRESS_SECONDS", 0.0)
+        hear = StatusFile.heard
+        patch.setattr(StatusFile, "heard", lambda self, line: (heard.append(line), hear(self, line)))
         logging.getLogger("igea").setLevel(logging.INFO)
         try:
             result = igea.train(cfg)
         finally:
             logging.getLogger("igea").removeHandler(handler)
-    return result, handler.lines
+    return result, handler.lines, heard
 
 
 class Collect(logging.Handler):
@@ -59,7 +64,7 @@ class Collect(logging.Handler):
 
 
 def test_every_training_line_in_a_log_file_has_progress_speed_elapsed_and_eta(watched_run):
-    _, lines = watched_run
+    _, lines, _ = watched_run
     training = [line for line in lines if LINE.match(line)]
     logged = [LINE.match(line) for line in training if "  loss " in line]
     assert [int(m.group(1)) for m in logged] == [2, 4, 6]
@@ -73,7 +78,7 @@ def test_every_training_line_in_a_log_file_has_progress_speed_elapsed_and_eta(wa
 
 
 def test_evaluations_and_saves_announce_themselves_and_their_time(watched_run):
-    result, lines = watched_run
+    result, lines, _ = watched_run
     blocks = result.metrics["data"]["validation"]["blocks"]
     starts = [line for line in lines if line.startswith("evaluating ") and "blocks" in line]
     assert starts == [f"evaluating the model before training: {blocks} blocks",
@@ -86,8 +91,16 @@ def test_evaluations_and_saves_announce_themselves_and_their_time(watched_run):
         assert any(re.fullmatch(rf"saved checkpoint-{step} \([\d.]+ [kM]B, {TIME}\)", line) for line in lines)
 
 
+def test_the_status_file_hears_the_progress_of_reading_the_corpus_and_of_each_evaluation(watched_run):
+    result, _, heard = watched_run
+    assert any(line.startswith("abstracts: reading: ") for line in heard), heard
+    for when in ("the model before training", "at step 3", "at step 6"):
+        assert any(line.startswith(f"evaluating {when}: ") and " batches) | " in line for line in heard)
+    assert run_status(result.output_dir)["work"] is None  # finished: no work left over from the last phase
+
+
 def test_status_of_a_finished_run(watched_run, capsys):
-    result, _ = watched_run
+    result, _, _ = watched_run
     status = run_status(result.output_dir)
     assert status["state"] == "finished" and status["step"] == 6 and status["max_steps"] == 6
     assert status["checkpoints"] == ["checkpoint-3", "checkpoint-6"]
@@ -259,3 +272,122 @@ def test_progress_says_percent_elapsed_and_eta_before_a_gap_of_30_seconds(monkey
                     "reading: done in 48 s"]
     assert [duration(s) for s in (0.04, 9.96, 42, 178, 3720, 147600)] == ["0.0 s", "10.0 s", "42 s", "2m58s",
                                                                          "1h02m", "1d17h"]
+
+
+def test_the_status_file_is_kept_fresh_between_log_lines_and_during_an_evaluation(tmp_path, monkeypatch):
+    # whatever prints the lines (a terminal's bar or a log file's lines): logging_steps may be thousands of steps
+    import socket
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from igea.status import StatusFile
+    from igea.tracking import TrainingClock
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, use_cpu=True, report_to="none")
+    state, control = TrainerState(max_steps=100, is_world_process_zero=True), TrainerControl()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # running
+    clock = TrainingClock(block_size=8, flops_per_token=1.0, peak_flops=None, status=StatusFile(tmp_path))
+    clock.on_train_begin(args, state, control)
+    state.global_step = 1
+    clock.on_step_end(args, state, control)
+    clock.on_log(args, state, control, logs={"loss": 2.0})  # a log line: measured and written
+    state.global_step = 2
+    clock.on_step_end(args, state, control)  # too soon after the log line: nothing written
+    assert run_status(tmp_path)["step"] == 1
+    monkeypatch.setattr("igea.progress.PROGRESS_SECONDS", 0.0)
+    clock.on_step_end(args, state, control)
+    written = run_status(tmp_path)
+    assert written["state"] == "running" and written["step"] == 2 and written["eta"] is not None
+    assert written["loss"] == {"step": 1, "value": 2.0}
+    before = json.loads((tmp_path / STATUS_FILE).read_text())["updated"]
+    time.sleep(0.01)
+    clock.on_prediction_step(args, state, control)  # a batch of a long evaluation
+    assert json.loads((tmp_path / STATUS_FILE).read_text())["updated"] > before
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_long_work_is_heard_by_the_status_file_in_a_log_file_and_beside_a_bar(terminal, tmp_path, monkeypatch,
+                                                                               caplog):
+    # a benchmark after training, a corpus being read: `igea status` shows where it is, not a silent (hung?) run
+    import socket
+
+    from igea.progress import Progress, heard_by
+    from igea.status import StatusFile, format_status
+
+    monkeypatch.setattr("igea.progress.PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr("igea.progress.in_log_file", lambda: not terminal)
+    caplog.set_level(logging.INFO)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # running
+    status = StatusFile(tmp_path)
+    status.update(phase="scoring the trained model on domande")
+    with heard_by(status.heard), Progress("domande", 4, "batches", logger=logging.getLogger("igea.test")) as work:
+        work.update()
+        work.update()
+    assert run_status(tmp_path)["work"].startswith("domande: 50% (2/4 batches) | ")
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("domande: 50%")]
+    assert len(logged) == (0 if terminal else 1)  # a terminal has the bar; a log file, the line as well
+    text = format_status(run_status(tmp_path))
+    assert "running (scoring the trained model on domande)" in text and "\n  domande: 50% (2/4 batches) | " in text
+    with Progress("after", 2, "batches", logger=logging.getLogger("igea.test")) as work:
+        work.update()  # heard by no one: the block has ended
+    assert "after" not in run_status(tmp_path)["work"]
+    status.update(phase="training")  # a new phase: the last one's work is no longer what the run does
+    assert run_status(tmp_path)["work"] is None
+
+
+def test_the_status_file_has_the_speed_and_eta_before_the_first_log_line(tmp_path, monkeypatch):
+    # logging_steps: 5000 (the card's): hours before the first log line measures the speed
+    import socket
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from igea.status import StatusFile
+    from igea.tracking import TrainingClock
+
+    clock = iter([0.0, 0.0, 2.0, 4.0])  # made, train begin, two steps of 2 s
+    monkeypatch.setattr("igea.tracking.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("igea.progress.PROGRESS_SECONDS", 0.0)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # running
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, use_cpu=True, report_to="none",
+                             eval_strategy="no", save_strategy="no")
+    state, control = TrainerState(max_steps=10, is_world_process_zero=True), TrainerControl()
+    watch = TrainingClock(block_size=8, flops_per_token=1.0, peak_flops=None, status=StatusFile(tmp_path))
+    watch.on_train_begin(args, state, control)
+    for step in (1, 2):
+        state.global_step = step
+        watch.on_step_end(args, state, control)
+    written = json.loads((tmp_path / STATUS_FILE).read_text())
+    assert (written["step"], written["seconds_per_step"], written["tokens_per_second"]) == (2, 2.0, 8.0)
+    assert written["eta"] == 8 * 2.0
+    assert watch.steps == 2  # left open: the first log line still measures both steps
+
+
+def test_status_into_a_pipe_whose_reader_has_left_ends_quietly(tmp_path):
+    # `igea status RUN | head -1`, `| grep -q running`: no traceback on stderr
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / STATUS_FILE).write_text(json.dumps({"phase": "interrupted", "step": 3, "max_steps": 10}))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "igea", "status", str(run)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == ""
+
+
+def test_in_a_terminal_each_log_line_goes_above_the_bar_on_stderr_not_into_stdout(capsys):
+    # `igea train c.yaml > results.txt` in a terminal: stdout holds the results, the log stays on the screen
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from igea.tracking import ReadableProgress, TrainingClock
+
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    state, control = TrainerState(max_steps=10, global_step=2, is_world_process_zero=True), TrainerControl()
+    bar = ReadableProgress(TrainingClock(block_size=8, flops_per_token=1.0, peak_flops=None))
+    bar.on_train_begin(args, state, control)
+    bar.on_log(args, state, control, logs={"loss": 2.5})
+    bar.on_train_end(args, state, control)
+    out, err = capsys.readouterr()
+    assert "step 2/10 (20.0%)  loss 2.5" in err and "loss" not in out

@@ -19,6 +19,8 @@ from igea.errors import IgeaError, one_line
 from igea.logs import route_warnings
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141
+"""What a shell command killed by SIGPIPE exits with (128 + 13)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args) or 0
     except IgeaError as err:
         return fail(one_line(str(err)), err.exit_code, args.debug)
+    except BrokenPipeError:  # `igea status RUN | head -1`: the reader left; end quietly, as a shell command does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit either
+        return EXIT_BROKEN_PIPE
     except OSError as err:
         if err.errno not in ENVIRONMENT_ERRORS:
             raise

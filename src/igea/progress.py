@@ -4,6 +4,7 @@ In a terminal a piece of work draws a tqdm bar; in a log file (stderr not a term
 pipe) it writes a line with its percent, elapsed time and ETA at least every PROGRESS_SECONDS instead, since a
 bar there is a line per redraw. Work over a few seconds says what it is doing when it starts and how long it
 took when it ends (`timed`). `progress_bars_off_in_logs` turns the libraries' own bars off in a log file.
+`heard_by` lets a run's status file hear where its long work is.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 PROGRESS_SECONDS = 30.0
 """In a log file, the longest a piece of long work goes without a line saying how far it is."""
+
+LISTENERS: list[Callable[[str], None]] = []
+"""Who hears where each piece of long work is, at least every PROGRESS_SECONDS (see `heard_by`)."""
 
 
 def in_log_file() -> bool:
@@ -90,12 +94,17 @@ class Progress:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
-            return
+            if not LISTENERS:
+                return
         now = time.monotonic()
         per_unit = (now - self.started) / self.done if self.done else 0.0
         if now - self.last_line + per_unit >= self.every:  # the next update would come too late: say it now
             self.last_line = now
-            self.logger.info("%s: %s", self.what, self.position(now))
+            line = f"{self.what}: {self.position(now)}"
+            if self.bar is None:
+                self.logger.info("%s", line)
+            for listener in LISTENERS:
+                listener(line)
 
     def position(self, now: float | None = None) -> str:
         """`45% (18/40 batches) | 1m20s, ETA 1m38s`, or `18 batches | 1m20s` without a total."""
@@ -129,6 +138,18 @@ class Progress:
             self.close()
         elif self.bar is not None:
             self.bar.close()
+
+
+@contextmanager
+def heard_by(listener: Callable[[str], None]) -> Iterator[None]:
+    """While the block runs, `listener` hears each piece of long work's `<what>: 45% (18/40 batches) | 1m20s, ETA
+    1m38s` at least every PROGRESS_SECONDS, as a log file's lines or beside a terminal's bar: a run's status file
+    keeps it, so that `igea status` tells long work (a benchmark, a corpus being read) from a hung run."""
+    LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        LISTENERS.remove(listener)
 
 
 @contextmanager

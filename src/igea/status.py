@@ -1,8 +1,9 @@
 """What a run is doing or did, readable from another shell: `igea status RUN_DIR`.
 
 While it runs, the main process keeps `igea_status.json` in the run directory up to date (at every log line,
-every progress line, each evaluation and each save): the phase, the step, the speed, the elapsed time and
-ETA, the last training loss and the last evaluation of each held-out set, and when it last said anything.
+each evaluation and each save, and at least every PROGRESS_SECONDS while it trains or evaluates): the phase,
+the step, the speed, the elapsed time and ETA, the last training loss and the last evaluation of each held-out
+set, and when it last said anything.
 `run_status` reads it with the run's other files (the lock and its holder, the markers of a finished run and
 of complete checkpoints) and tells running, finished, interrupted or failed; it only reads, so it never
 disturbs the run, whatever its rank layout (only the main process writes).
@@ -31,7 +32,8 @@ from igea.rundir import (
 )
 
 QUIET_AFTER = 600.0
-"""A running run silent for longer than this (and than a few of its own intervals between lines) may be hung."""
+"""A running run whose status file is older than this may be hung (it is rewritten at least every 30 s while the
+run trains or evaluates)."""
 
 
 class StatusFile:
@@ -44,10 +46,17 @@ class StatusFile:
                                        "updated": now, "phase": "starting"}
 
     def update(self, **fields: Any) -> None:
-        """Merge `fields` into the record and write it, stamped with the time."""
+        """Merge `fields` into the record and write it, stamped with the time; a new phase drops the last phase's
+        `work`."""
+        if fields.get("phase", self.record["phase"]) != self.record["phase"]:
+            self.record.pop("work", None)
         self.record.update(fields, updated=time.time())
         with contextlib.suppress(OSError):  # a full disk must not stop the run here: the run says so itself
             write_json_atomic(self.path, self.record)
+
+    def heard(self, line: str) -> None:
+        """Where a piece of long work is (`reading: 45% (...) | 1m20s, ETA 1m38s`): a sign of life (igea.progress)."""
+        self.update(work=line)
 
     def ended(self, phase: str, **fields: Any) -> None:
         """The session ended: finished, interrupted or failed (with `error`)."""
@@ -74,7 +83,7 @@ def run_status(run_dir: str | os.PathLike) -> dict[str, Any]:
     now = time.time()
     status: dict[str, Any] = {"run_dir": str(run_dir), **{k: record.get(k) for k in (
         "phase", "step", "max_steps", "epoch", "seconds_per_step", "tokens_per_second", "loss", "evaluation",
-        "host", "pid")}}
+        "work", "host", "pid")}}
     status["state"], status["reason"] = _state(lock, finished, record)
     if finished is not None and status["state"] == "finished":
         status.update(_finished(finished, status))
@@ -170,6 +179,8 @@ def format_status(status: dict[str, Any]) -> str:
                                                            if quiet > QUIET_AFTER else ""))
     if times:
         lines.append("  " + ", ".join(times))
+    if status.get("work") and state == "running":
+        lines.append(f"  {status['work']}")
     if status.get("loss"):
         lines.append(f"  training loss {status['loss']['value']:.4g} at step {status['loss']['step']:,}")
     evaluation = status.get("evaluation")

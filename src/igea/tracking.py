@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections import deque
 from typing import Any
@@ -122,8 +123,8 @@ class ReadableProgress(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             line = log_line(state, logs, self.clock.timing(logs))
-            if self.training_bar is not None:
-                self.training_bar.write(line)
+            if self.training_bar is not None:  # above the bar, on stderr with it and the other log lines
+                self.training_bar.write(line, file=sys.stderr)  # (tqdm's default is stdout: the command's results)
             else:
                 logger.info(line)
 
@@ -183,6 +184,7 @@ class TrainingClock(TrainerCallback):
         self.save_seconds: float | None = None
         self.last: dict[str, float] = {}  # the last measure: seconds_per_step, tokens_per_second, ...
         self.args = None  # the run's TrainingArguments, from on_train_begin
+        self.reported = time.monotonic()  # when the status file was last brought up to date
 
     # -- measuring ---------------------------------------------------------------------------------------
 
@@ -199,6 +201,28 @@ class TrainingClock(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.step_end = time.perf_counter()
         self.steps += 1
+        self.keep_status_fresh(state)
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.keep_status_fresh(state)  # a long evaluation is not a hung run either
+
+    def keep_status_fresh(self, state) -> None:
+        """Between log lines (thousands of steps apart, or a long evaluation), bring the status file up to date at
+        least every PROGRESS_SECONDS, whether the log is a file or a terminal: `igea status` then shows the step
+        and ETA of now, and a run is told from a hung one."""
+        if self.status is None or time.monotonic() - self.reported < progress.PROGRESS_SECONDS:
+            return
+        fields: dict[str, Any] = {}
+        current = None  # the steps since the last measure, left open: the next log line measures them
+        busy = self.busy + max(0.0, self.step_end - self.resumed)
+        if self.steps and busy > 0:
+            current = (self.steps, busy)
+            fields.update(seconds_per_step=busy / self.steps,
+                          tokens_per_second=round(self.steps * self.tokens_per_step / busy, 1))
+        eta = self.eta(state, current)
+        if eta is not None:
+            fields["eta"] = eta
+        self.report(state, **fields)
 
     def pause(self) -> float:
         """Evaluation or checkpointing just ended: count training up to the last step, restart the clock now;
@@ -252,12 +276,13 @@ class TrainingClock(TrainerCallback):
         self.last["eta"] = self.eta(state)
         return values
 
-    def eta(self, state) -> float | None:
-        """Seconds until the last step: the steps left at the recent speed, plus the evaluations and saves left
-        at their last measured time."""
-        if not state.max_steps or not self.recent:
+    def eta(self, state, current: tuple[int, float] | None = None) -> float | None:
+        """Seconds until the last step: the steps left at the recent speed (with the `current` interval's steps and
+        seconds, not yet measured, when given), plus the evaluations and saves left at their last measured time."""
+        intervals = [*self.recent, *([current] if current else [])]
+        if not state.max_steps or not intervals:
             return None
-        per_step = sum(seconds for _, seconds in self.recent) / sum(steps for steps, _ in self.recent)
+        per_step = sum(seconds for _, seconds in intervals) / sum(steps for steps, _ in intervals)
         evaluations, saves = events_left(self.args, state)
         return ((state.max_steps - state.global_step) * per_step + evaluations * (self.eval_seconds or 0.0)
                 + saves * (self.save_seconds or 0.0))
@@ -300,11 +325,12 @@ class TrainingClock(TrainerCallback):
         """Bring the status file up to date (main process)."""
         if self.status is None:
             return
+        self.reported = time.monotonic()
         last = self.last
-        self.status.update(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
-                           elapsed=time.time() - self.started, eta=last.get("eta"),
-                           seconds_per_step=last.get("seconds_per_step"),
-                           tokens_per_second=last.get("tokens_per_second"), **fields)
+        record = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
+                  "elapsed": time.time() - self.started, "eta": last.get("eta"),
+                  "seconds_per_step": last.get("seconds_per_step"), "tokens_per_second": last.get("tokens_per_second")}
+        self.status.update(**{**record, **fields})
 
 
 def events_left(args, state) -> tuple[int, int]:

@@ -42,7 +42,7 @@ from igea.lora import apply_lora, check_peft, save_adapter
 from igea.modeling import load_causal_lm
 from igea.preemption import CheckpointOnStop, Preempted, stop_on_signals
 from igea.preflight import check_before_training, check_block_size
-from igea.progress import progress_bars_off_in_logs
+from igea.progress import heard_by, progress_bars_off_in_logs
 from igea.rundir import (
     BEFORE_METRICS,
     RUN_MARKER,
@@ -122,6 +122,7 @@ def _open_run(cfg: IgeaConfig, resume: bool | str, overwrite: bool,
         if state.is_main_process:
             start.status = StatusFile(cfg.output_dir)
             start.status.update(phase="starting: reading the corpus and loading the model")
+            lock.enter_context(heard_by(start.status.heard))  # long work's progress keeps `igea status` fresh
         try:
             yield start
         except BaseException as err:
