@@ -78,6 +78,8 @@ def test_the_readme_multi_process_commands_run_from_a_fresh_output_dir(tmp_path)
         assert done.returncode == 0, (name, done.stderr[-3000:])
         assert raw_warning_lines(done.stdout + done.stderr) == [], name
         assert "find_unused_parameters" not in done.stderr, name
+        # each line of the run once: the other process logs only warnings
+        assert sum(" igea.data: train split: " in line for line in done.stderr.splitlines()) == 1, name
         runs[name] = json.loads((tmp_path / name / "igea_run.json").read_text())
     assert [runs[n]["layout"]["num_devices"] for n in commands] == [1, 2, 2]
     losses = [runs[n]["metrics"]["after"]["eval_loss"] for n in commands]

@@ -89,12 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(debug: bool) -> None:
-    """Log lines `HH:MM:SS module: message` on stderr, the libraries' Python warnings among them (igea.logs)."""
+    """Log lines `HH:MM:SS module: message` on stderr, the libraries' Python warnings among them (igea.logs); the
+    main process logs INFO, the others WARNING (all DEBUG with --debug)."""
     if not sys.stderr.isatty():  # a log file, not a terminal: no progress bars redrawn line after line
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    # the other processes of a multi-process launch say only what goes wrong (as the Trainer's log_level_replica):
+    # the main process's lines are the run's, and each would otherwise come once per process
+    main_process = os.environ.get("RANK", "0") == "0"
+    level = logging.DEBUG if debug else logging.INFO if main_process else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not debug:
         for noisy in ("httpx", "urllib3", "filelock", "fsspec", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
