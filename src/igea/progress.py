@@ -108,7 +108,7 @@ class Progress:
 
     def position(self, now: float | None = None) -> str:
         """`45% (18/40 batches) | 1m20s, ETA 1m38s`, or `18 batches | 1m20s` without a total."""
-        elapsed = (now or time.monotonic()) - self.started
+        elapsed = (time.monotonic() if now is None else now) - self.started
         unit = f" {self.unit}" if self.unit else ""
         if not self.total:
             return f"{self.done:,}{unit} | {duration(elapsed)}"
