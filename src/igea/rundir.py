@@ -51,13 +51,17 @@ IGNORED_ENTRIES = (".DS_Store", ".ipynb_checkpoints", "Thumbs.db")
 """What file browsers and notebooks leave behind: neither a reason to refuse a directory nor deleted."""
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, flush it to disk, then rename: a reader (or a crash) never sees half a file."""
+def write_text_atomic(path: Path, text: str, sync: bool = True) -> None:
+    """Write to a temporary name, flush it to disk (`sync`), then rename: a reader (or a crash) never sees half a
+    file. Without `sync` a reader still never sees half a file, but a crash of the machine may lose the write: for
+    a file rewritten every few seconds, where the flush would cost more than the write (on a network disk, often
+    tens of milliseconds)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -76,9 +80,9 @@ def share_like_other_files(folder: Path) -> None:
             path.chmod(mode)
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+def write_json_atomic(path: Path, payload: Any, sync: bool = True) -> None:
     """`payload` as indented UTF-8 JSON, written atomically (values JSON cannot hold become strings)."""
-    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", sync)
 
 
 def read_json(path: Path) -> Any:

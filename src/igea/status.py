@@ -52,7 +52,7 @@ class StatusFile:
             self.record.pop("work", None)
         self.record.update(fields, updated=time.time())
         with contextlib.suppress(OSError):  # a full disk must not stop the run here: the run says so itself
-            write_json_atomic(self.path, self.record)
+            write_json_atomic(self.path, self.record, sync=False)  # rewritten often: atomic, not flushed
 
     def heard(self, line: str) -> None:
         """Where a piece of long work is (`reading: 45% (...) | 1m20s, ETA 1m38s`): a sign of life (igea.progress)."""
